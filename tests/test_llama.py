@@ -1,0 +1,198 @@
+"""The from-scratch Llama against independent references.
+
+- Hugging Face `transformers.LlamaForCausalLM` (same random weights, saved by transformers and read by our loader):
+  logits, and the attention-mask semantics of `attn_bias` (value and gradient).
+- An explicit float64 re-implementation of attention in this file: a large negative bias on one key column is the
+  same as deleting that key from every softmax.
+- The KV cache: incremental decoding reproduces the full forward.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from atmanrl.model.checkpoint import load_hf  # noqa: E402
+from atmanrl.model.llama import KVCache, Llama, LlamaConfig  # noqa: E402
+
+# Two small configs: GQA in both, llama3 rope scaling with a short original context so that sequences longer than
+# `original_max_position_embeddings` are cheap, tied and untied heads, an explicit head_dim that differs from
+# hidden/heads in the second.
+CONFIGS = {
+    "gqa-llama3rope-untied": dict(
+        vocab_size=97, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16),
+        max_position_embeddings=256,
+    ),
+    "gqa-llama3rope-tied-headdim": dict(
+        vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8),
+        max_position_embeddings=256,
+    ),
+}
+SEQ = 40  # longer than both original_max_position_embeddings (16 and 8)
+TOL = 1e-4
+
+
+def _hf_and_ours(name, tmp_path, attn_implementation="eager"):
+    """A random HF model saved with `save_pretrained`, and ours loaded from that directory by our loader."""
+    torch.manual_seed(hash(name) % 2**31)
+    hf_config = transformers.LlamaConfig(**CONFIGS[name], attn_implementation=attn_implementation)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # HF's default init is tiny (std 0.02) and norms are 1: randomise the norms too
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path, dtype=torch.float32).eval()
+    return hf, ours
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_equal_transformers(name, tmp_path):
+    hf, ours = _hf_and_ours(name, tmp_path)
+    tokens = torch.randint(0, CONFIGS[name]["vocab_size"], (3, SEQ))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours(tokens)
+    assert got.shape == (3, SEQ, CONFIGS[name]["vocab_size"])
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_attn_bias_equals_transformers_4d_float_mask(name, tmp_path):
+    """Our `attn_bias` is HF's 4D float attention mask minus the causal part: same logits, same gradient."""
+    hf, ours = _hf_and_ours(name, tmp_path)
+    B, H = 2, CONFIGS[name]["num_attention_heads"]
+    tokens = torch.randint(0, CONFIGS[name]["vocab_size"], (B, SEQ))
+    bias = torch.randn(B, H, SEQ, SEQ, dtype=torch.float32)
+    causal = torch.full((SEQ, SEQ), float("-inf")).triu(1)
+
+    bias_ours = bias.clone().requires_grad_(True)
+    bias_hf = bias.clone().requires_grad_(True)
+    logits_ours = ours(tokens, attn_bias=bias_ours)
+    logits_hf = hf(tokens, attention_mask=causal + bias_hf).logits
+    assert (logits_ours - logits_hf).abs().max().item() <= TOL
+
+    weights = torch.randn_like(logits_hf)  # a random scalar function of the logits
+    (logits_ours * weights).sum().backward()
+    (logits_hf * weights).sum().backward()
+    grad_scale = bias_hf.grad.abs().max().item()
+    assert grad_scale > 0
+    assert (bias_ours.grad - bias_hf.grad).abs().max().item() <= TOL * max(1.0, grad_scale)
+    # Entries above the diagonal are hidden by the causal mask: their gradient is exactly zero.
+    upper = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)
+    assert bias_ours.grad[..., upper].abs().max().item() == 0.0
+
+
+def _random_ours(name, seed=0):
+    cfg = dict(CONFIGS[name])
+    rs = dict(cfg.pop("rope_scaling"))
+    rs.pop("rope_type")
+    g = torch.Generator().manual_seed(seed)
+    model = Llama(LlamaConfig(**cfg, rope_scaling=rs)).init_weights(std=0.1, generator=g).eval()
+    return model
+
+
+def test_zero_bias_changes_nothing():
+    model = _random_ours("gqa-llama3rope-untied")
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        plain = model(tokens)
+        zeros = model(tokens, attn_bias=torch.zeros(2, 1, 24, 24))
+    assert torch.equal(plain, zeros)
+
+
+def _reference_forward_f64(model: Llama, tokens: torch.Tensor, dropped_key: int) -> torch.Tensor:
+    """Our Llama re-done explicitly in float64, with key `dropped_key` deleted from every softmax (no bias at all)."""
+    cfg = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    B, S = tokens.shape
+    H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def rms(x, w):
+        return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    inv_freq = model.inv_freq.double()
+    angles = torch.arange(S, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (S, d/2)
+
+    def rope(x):  # (B, h, S, d), half-split pairs (i, i + d/2)
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        c, s = angles.cos(), angles.sin()
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    x = sd["embed_tokens.weight"][tokens]
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        h = rms(x, sd[p + "input_layernorm.weight"])
+        q = rope((h @ sd[p + "self_attn.q_proj.weight"].T).view(B, S, H, d).transpose(1, 2))
+        k = rope((h @ sd[p + "self_attn.k_proj.weight"].T).view(B, S, Hkv, d).transpose(1, 2))
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(B, S, Hkv, d).transpose(1, 2)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+        out = torch.zeros(B, H, S, d, dtype=torch.float64)
+        for w in range(S):  # query row w attends over keys {0..w} minus the dropped one
+            keys = [j for j in range(w + 1) if j != dropped_key]
+            scores = (q[:, :, w: w + 1] @ k[:, :, keys].transpose(-1, -2)) / math.sqrt(d)
+            out[:, :, w] = (scores.softmax(-1) @ v[:, :, keys])[:, :, 0]
+        x = x + out.transpose(1, 2).reshape(B, S, H * d) @ sd[p + "self_attn.o_proj.weight"].T
+        h = rms(x, sd[p + "post_attention_layernorm.weight"])
+        gate, up = h @ sd[p + "mlp.gate_proj.weight"].T, h @ sd[p + "mlp.up_proj.weight"].T
+        x = x + (F.silu(gate) * up) @ sd[p + "mlp.down_proj.weight"].T
+    head = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["embed_tokens.weight"]
+    return rms(x, sd["norm.weight"]) @ head.T
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_large_negative_bias_on_a_column_removes_that_key(name):
+    model = _random_ours(name, seed=3)
+    S, dropped = 12, 5
+    tokens = torch.randint(0, model.config.vocab_size, (2, S))
+    bias = torch.zeros(1, 1, S, S)
+    bias[..., dropped] = -1e9  # every row w >= dropped loses key `dropped`
+    with torch.no_grad():
+        got = model(tokens, attn_bias=bias).double()
+        plain = model(tokens).double()
+    expected = _reference_forward_f64(model, tokens, dropped_key=dropped)
+    assert (got - expected).abs().max().item() <= 1e-4
+    # Rows before the dropped column never saw it; rows after it must change (the key mattered).
+    assert (got[:, dropped:] - plain[:, dropped:]).abs().max().item() > 1e-3
+    assert (got[:, :dropped] - plain[:, :dropped]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kv_cache_incremental_decoding_reproduces_full_forward(name):
+    model = _random_ours(name, seed=7)
+    B, S, prefix = 2, 30, 11
+    tokens = torch.randint(0, model.config.vocab_size, (B, S))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache(model.config, B, max_len=S)
+        steps = [model(tokens[:, :prefix], cache=cache)]
+        for t in range(prefix, S):
+            steps.append(model(tokens[:, t: t + 1], cache=cache, start_pos=t))
+    incremental = torch.cat(steps, dim=1)
+    assert (incremental - full).abs().max().item() <= 1e-5
+
+
+def test_logits_at_selects_positions():
+    model = _random_ours("gqa-llama3rope-tied-headdim", seed=1)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 15))
+    index = torch.tensor([[3, 14], [0, 7]])
+    with torch.no_grad():
+        full = model(tokens)
+        picked = model(tokens, logits_at=index)
+    assert torch.allclose(picked, full.gather(1, index[..., None].expand(-1, -1, full.shape[-1])), atol=1e-6)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        _random_ours("gqa-llama3rope-untied")(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
