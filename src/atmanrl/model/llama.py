@@ -189,7 +189,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, Hkv, start_pos + S, d)
         # Eq. 1: softmax(Q K^T / sqrt(d) + mask) V, where `mask` = causal mask + H^AtMan (the attn_bias).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        # mask None means plain causal attention, which SDPA does without materialising a mask (see Llama.forward).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=self.n_heads != self.n_kv_heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -287,9 +290,12 @@ class Llama(nn.Module):
             positions = torch.arange(start_pos, start_pos + S, device=tokens.device).expand(B, S)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        mask = causal_mask(S, start_pos + S, start_pos, tokens.device, x.dtype)
-        if attn_bias is not None:
-            mask = mask + attn_bias.to(x.dtype)
+        if attn_bias is None and (S == 1 or start_pos == 0):
+            mask = None  # causal only: one query sees every cached slot, or SDPA's is_causal on a square block
+        else:
+            mask = causal_mask(S, start_pos + S, start_pos, tokens.device, x.dtype)
+            if attn_bias is not None:
+                mask = mask + attn_bias.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.norm(x)
