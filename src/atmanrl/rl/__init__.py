@@ -1,0 +1,6 @@
+"""Reinforcement learning for AtManRL: GRPO math (``grpo``), rollouts (``rollout``), the training loop
+(``trainer``) and resumable checkpoints (``checkpointing``)."""
+
+from atmanrl.rl.grpo import clipped_objective, group_advantages, grpo_loss, outcome_reward, total_reward
+
+__all__ = ["clipped_objective", "group_advantages", "grpo_loss", "outcome_reward", "total_reward"]
