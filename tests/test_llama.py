@@ -7,6 +7,7 @@
 - The KV cache: incremental decoding reproduces the full forward.
 """
 
+import copy
 import math
 
 import pytest
@@ -44,7 +45,8 @@ TOL = 1e-4
 def _hf_and_ours(name, tmp_path, attn_implementation="eager"):
     """A random HF model saved with `save_pretrained`, and ours loaded from that directory by our loader."""
     torch.manual_seed(hash(name) % 2**31)
-    hf_config = transformers.LlamaConfig(**CONFIGS[name], attn_implementation=attn_implementation)
+    # deepcopy: transformers normalises the rope dict in place (adds rope_theta to it)
+    hf_config = transformers.LlamaConfig(**copy.deepcopy(CONFIGS[name]), attn_implementation=attn_implementation)
     hf = transformers.LlamaForCausalLM(hf_config).eval()
     with torch.no_grad():  # HF's default init is tiny (std 0.02) and norms are 1: randomise the norms too
         for n, p in hf.named_parameters():
