@@ -78,6 +78,12 @@ def read_fields(reader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
+def _f32(value) -> float:
+    """GGUF stores floats as float32 (1e-5 becomes 9.9999997e-06): take the shortest decimal that rounds to it,
+    which is the value the model's config.json had."""
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+
+
 def config_from_metadata(
     fields: dict, shapes: dict, path: str, rope_freqs: np.ndarray | None = None
 ) -> LlamaConfig:
@@ -115,8 +121,8 @@ def config_from_metadata(
         num_attention_heads=n_heads,
         num_key_value_heads=int(fields.get("llama.attention.head_count_kv", n_heads)),
         head_dim=int(fields.get("llama.attention.key_length", fields.get("llama.rope.dimension_count", hidden // n_heads))),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(fields.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(fields.get("llama.rope.freq_base", 10000.0)),
         rope_scaling=None,
         max_position_embeddings=int(fields.get("llama.context_length", 2048)),
         tie_word_embeddings="output.weight" not in shapes,

@@ -3,8 +3,9 @@
 What is notable here:
 - Two sources: a Hugging Face ``tokenizer.json``, or the ``tokenizer.ggml.*`` metadata of a GGUF file (a byte-level
   BPE: vocabulary, merges, token types). For SmolLM2 (``tokenizer.ggml.pre = "smollm"``) the pre-tokenizer splits
-  every digit on its own before the byte-level split, exactly as SmolLM2's own ``tokenizer.json`` and llama.cpp do.
-  (transformers' GGUF loader does not: it keeps multi-digit numbers together, see ``tests/test_tokenizer.py``.)
+  every digit on its own before the byte-level split, as SmolLM2's own ``tokenizer.json`` and llama.cpp do. (Its
+  vocabulary has no multi-digit token, so a plain byte-level split, which transformers' GGUF loader uses, happens to
+  give the same ids.)
 - Chat templates are functions, not jinja: ``llama3_chat_text`` (Llama-3.x: system header with the knowledge cut-off
   and a pinned "Today Date") and ``chatml_chat_text`` (SmolLM2: a default system prompt when none is given).
   ``chat()`` encodes the rendered text; special tokens in it are matched whole, as in ``apply_chat_template``.
@@ -226,28 +227,30 @@ class Tokenizer:
         warning; their text is afterwards tokenized as ordinary text. Returns the removed tokens. An out-of-range id
         of the base vocabulary means the tokenizer belongs to another model: ``ValueError``.
         """
-        spec = json.loads(self.tokenizer.to_str())
-        base = spec["model"].get("vocab", {})
-        if isinstance(base, dict) and base and max(base.values()) >= num_embeddings:
-            bad = sorted((i, t) for t, i in base.items() if i >= num_embeddings)
+        added = self.tokenizer.get_added_tokens_decoder()  # id -> AddedToken
+        base = self.tokenizer.get_vocab(with_added_tokens=False)
+        bad = sorted((i, t) for t, i in base.items() if i >= num_embeddings and i not in added)
+        if bad:
             raise ValueError(
                 f"Tokenizer {self.source} has {len(bad)} regular vocabulary ids >= the model's {num_embeddings} "
                 f"embedding rows (first: {bad[:3]}); tokenizer and model do not belong together. Use the "
                 "tokenizer.json of the same model."
             )
-        dropped = [a for a in spec["added_tokens"] if a["id"] >= num_embeddings]
+        dropped = sorted((i, a.content) for i, a in added.items() if i >= num_embeddings)
         if not dropped:
             return []
-        names = [a["content"] for a in dropped]
         log.warning(
             "Tokenizer %s knows %d ids but the model embeds only %d; removing the added tokens %s (their text is "
             "now tokenized as ordinary text).",
-            self.source, self.vocab_size, num_embeddings, ", ".join(f"{a['content']}={a['id']}" for a in dropped),
+            self.source, self.vocab_size, num_embeddings, ", ".join(f"{t}={i}" for i, t in dropped),
         )
+        # `tokenizers` cannot remove an added token in place: edit its JSON form and rebuild.
+        spec = json.loads(self.tokenizer.to_str())
         spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < num_embeddings]
+        spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i < num_embeddings}
         self.tokenizer = _HFTokenizer.from_str(json.dumps(spec))
         self.stop_ids = [i for i in self.stop_ids if i < num_embeddings]
-        return names
+        return [t for _, t in dropped]
 
     # -- text <-> ids -------------------------------------------------------------------------------------------
 
