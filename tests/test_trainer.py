@@ -63,9 +63,13 @@ def tiny_config(out_dir, *overrides):
 
 
 @pytest.fixture(autouse=True)
-def _single_process():
+def single_process_one_thread():
+    """No leftover process group; one intra-op thread (tiny matmuls only lose from threads on a busy machine)."""
     dist.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     dist.shutdown()
 
 

@@ -16,10 +16,12 @@ What is notable here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +31,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from atmanrl import dist
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it "assumes a single process" when there is no process group -- which is what we asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rng_state() -> dict:
@@ -56,7 +66,8 @@ def save(ckpt_root: str | Path, update: int, model, optimizer, trainer_state: di
         tmp.mkdir()
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not d.initialized)
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not d.initialized)
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if d.is_main:
         state = dict(trainer_state, update=update, world_size=d.world_size)
@@ -100,7 +111,8 @@ def load(path: str | Path, model, optimizer) -> dict:
                                 f"another step_N directory")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not d.initialized)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not d.initialized)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: those ranks keep their seed

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,8 @@ def train(
              f"{d.world_size} process(es) on {d.device}; saliency weight {cfg.saliency.weight}")
 
     records, t_begin, metrics_file = [], time.perf_counter(), out / "metrics.jsonl"
+    if d.is_main:
+        start_fresh_logs(out, start, ckpt_root)
     if cfg.eval.every > 0 and start == 0:
         gather_weights(policy, inference, sharded)
         write_eval(out, 0, evaluate(inference, task, eval_problems, cfg))
@@ -245,6 +248,21 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------
 # The steps of the loop
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def start_fresh_logs(out: Path, start: int, ckpt_root: Path) -> None:
+    """Keep metrics/eval lines only up to the update we (re)start from, so a resumed run has no duplicate
+    updates; a fresh run (start 0) also drops an earlier run's checkpoints, which a later resume would pick up."""
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        f = out / name
+        if f.is_file():
+            keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["update"] <= start]
+            if name == "eval.jsonl" and start == 0:
+                keep = []
+            f.write_text("".join(line + "\n" for line in keep))
+    if start == 0 and ckpt_root.is_dir():
+        dist.log(f"fresh run: removing the earlier checkpoints in {ckpt_root}")
+        shutil.rmtree(ckpt_root)
 
 
 def make_optimizer(cfg: RunConfig, policy) -> torch.optim.Optimizer:
@@ -405,7 +423,7 @@ def metrics_record(update: int, epoch: int, rollouts: list[Rollout], zero_var: t
         "accuracy": correct / n, "answered": n_answered / n, "truncated": truncated / n,
         "cot_len": cot / max(n_answered, 1), "completion_len": length / n,
         "zero_variance_groups": int(zv), "groups": int(groups),
-        "loss": sum(losses) / max(len(losses), 1),
+        "loss": sum(losses) / max(len(losses), 1), "losses": losses,  # the global loss of every optimizer step
         "clip_fraction": clipped / max(units, 1), "ratio_mean": ratio_sum / max(units, 1),
         "ratio_min": rmin, "ratio_max": rmax,
         "time_rollout": t[0], "time_saliency": t[1], "time_update": t[2],
