@@ -185,3 +185,15 @@ def test_unsupported_architecture(tmp_path):
         load_gguf(path)
     msg = str(e.value)
     assert "mamba-tiny.gguf" in msg and "'mamba'" in msg and "Llama" in msg
+
+
+def test_metadata_tensor_mismatch(tmp_path):
+    config = LlamaConfig(vocab_size=len(_SPECIAL) + len(_ALPHABET), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, rope_scaling=None)
+    model = Llama(config).init_weights(generator=torch.Generator().manual_seed(2))
+    model.config = LlamaConfig(**{**config.__dict__, "intermediate_size": 48})  # metadata lies about the FFN width
+    path = write_gguf(tmp_path / "broken.gguf", model)
+    with pytest.raises(ValueError) as e:
+        load_gguf(path)
+    msg = str(e.value)
+    assert "broken.gguf" in msg and "blk.0.ffn_" in msg and "(48, 32)" in msg and "re-convert" in msg

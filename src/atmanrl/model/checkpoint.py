@@ -130,19 +130,26 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dic
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint of ``config`` holds (no ``lm_head.weight`` when tied)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Llama(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
 def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], source: str, device="cpu") -> Llama:
     """A ``Llama`` holding exactly the tensors of ``state`` (our names), after strict name and shape checks.
 
     ``source`` names where the tensors came from, for error messages. ``lm_head.weight`` may be absent when the
     config ties it to the embedding.
     """
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = expected_shapes(config)
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
         if "lm_head.weight" in state:
-            if not torch.equal(state["lm_head.weight"], state.get("embed_tokens.weight")):
+            emb = state.get("embed_tokens.weight")
+            if emb is not None and not torch.equal(state["lm_head.weight"], emb):
                 raise ValueError(
                     f"{source}: the config ties lm_head to the embedding, but lm_head.weight differs from "
                     "embed_tokens.weight. Set tie_word_embeddings to false in config.json."
@@ -167,6 +174,8 @@ def model_from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor], s
                 f"{source}: tensor {name!r} has shape {got}, but the config expects {shape}. Check that "
                 "config.json belongs to these weights (hidden_size, intermediate_size, heads, vocab_size)."
             )
+    with torch.device("meta"):
+        model = Llama(config)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import model_from_state_dict
+from .checkpoint import expected_shapes, model_from_state_dict
 from .llama import Llama, LlamaConfig, RopeScaling, rope_inv_freq
 from .tokenizer import Tokenizer
 
@@ -138,7 +138,7 @@ def _llama3_scaling_from_freqs(divisors: np.ndarray, config: LlamaConfig, path: 
     """llama.cpp stores Llama-3 scaling as ``inv_freq / divisors``. The largest divisor is the factor; the other
     parameters are those of every Llama 3.1/3.2 release (low 1, high 4, original context 8192). We check that they
     reproduce the stored divisors exactly rather than trusting them."""
-    divisors = torch.as_tensor(np.asarray(divisors, dtype=np.float32)).reshape(-1)
+    divisors = torch.from_numpy(np.array(divisors, dtype=np.float32)).reshape(-1)
     scaling = RopeScaling(factor=float(divisors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192)
     plain = LlamaConfig(**{**config.__dict__, "rope_scaling": None})
@@ -152,14 +152,8 @@ def _llama3_scaling_from_freqs(divisors: np.ndarray, config: LlamaConfig, path: 
     return scaling
 
 
-def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, device="cpu", *, unpermute: bool = True
-) -> tuple[Llama, Tokenizer]:
-    """``(model, tokenizer)`` from a Llama GGUF file, dequantized to float32 then cast to ``dtype``.
-
-    ``unpermute=False`` skips undoing llama.cpp's q/k permutation; it exists only to show (in the tests) that the
-    permutation matters.
-    """
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
+    """``(model, tokenizer)`` from a Llama GGUF file, dequantized to float32 then cast to ``dtype``."""
     gguf = _import_gguf()
     path = Path(path)
     if not path.is_file():
@@ -172,6 +166,7 @@ def load_gguf(
     freqs = None if freqs is None else gguf.quants.dequantize(freqs.data, freqs.tensor_type)
     config = config_from_metadata(fields, shapes, str(path), rope_freqs=freqs)
 
+    expected = expected_shapes(config)
     state = {}
     for name, t in raw.items():
         if name == "rope_freqs.weight":
@@ -184,9 +179,15 @@ def load_gguf(
             )
         # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        if unpermute and ours.endswith("q_proj.weight"):
+        if ours in expected and tuple(w.shape) != expected[ours]:
+            raise ValueError(
+                f"{path}: GGUF tensor {name!r} ({ours}) dequantizes to shape {tuple(w.shape)}, but the metadata "
+                f"implies {expected[ours]} (out, in). The file's llama.* metadata does not match its tensors; "
+                "re-convert the model with llama.cpp's convert_hf_to_gguf.py."
+            )
+        if ours.endswith("q_proj.weight"):
             w = unpermute_qk(w, config.num_attention_heads)
-        elif unpermute and ours.endswith("k_proj.weight"):
+        elif ours.endswith("k_proj.weight"):
             w = unpermute_qk(w, config.num_key_value_heads)
         state[ours] = w.to(dtype=dtype, device=device)
     model = model_from_state_dict(config, state, source=str(path), device=device)

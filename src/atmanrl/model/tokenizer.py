@@ -259,7 +259,9 @@ class Tokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of ``ids`` (a list or a 1-D tensor)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered with this model's chat template (a string with special-token markers)."""
