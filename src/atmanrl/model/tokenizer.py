@@ -128,6 +128,7 @@ class Tokenizer:
         source: str = "<in memory>",
     ):
         self.tokenizer = tokenizer
+        self._vocab_size = None
         self.source = source
         self.date = date
         self.default_system = default_system
@@ -212,7 +213,9 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of ids this tokenizer can produce or decode (largest id + 1)."""
-        return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        if self._vocab_size is None:
+            self._vocab_size = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        return self._vocab_size
 
     def token_id(self, token: str) -> int:
         i = self.tokenizer.token_to_id(token)
@@ -249,6 +252,7 @@ class Tokenizer:
         spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < num_embeddings]
         spec["model"]["vocab"] = {t: i for t, i in spec["model"]["vocab"].items() if i < num_embeddings}
         self.tokenizer = _HFTokenizer.from_str(json.dumps(spec))
+        self._vocab_size = None
         self.stop_ids = [i for i in self.stop_ids if i < num_embeddings]
         return [t for _, t in dropped]
 
