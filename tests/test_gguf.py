@@ -76,8 +76,8 @@ def test_unpermute_matters(smollm2, hf_logits, gguf_path):
             for layer, (q0, k0) in zip(model.layers, saved):
                 layer.self_attn.q_proj.weight.copy_(q0)
                 layer.self_attn.k_proj.weight.copy_(k0)
-    assert (wrong - ref).abs().max().item() > 5.0  # measured: ~20-35
-    assert (wrong.argmax(-1) != ref.argmax(-1)).float().mean().item() > 0.3
+    assert (wrong - ref).abs().max().item() > 5.0  # measured: 22.9
+    assert (wrong.argmax(-1) != ref.argmax(-1)).float().mean().item() > 0.3  # measured: 0.77
 
 
 def test_permute_roundtrip():
