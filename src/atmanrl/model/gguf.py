@@ -120,7 +120,7 @@ def config_from_metadata(
         num_hidden_layers=int(get("block_count")),
         num_attention_heads=n_heads,
         num_key_value_heads=int(fields.get("llama.attention.head_count_kv", n_heads)),
-        head_dim=int(fields.get("llama.attention.key_length", fields.get("llama.rope.dimension_count", hidden // n_heads))),
+        head_dim=int(fields.get("llama.attention.key_length", hidden // n_heads)),
         rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
         rope_theta=_f32(fields.get("llama.rope.freq_base", 10000.0)),
         rope_scaling=None,
@@ -129,6 +129,12 @@ def config_from_metadata(
         bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
     )
+    rotary = fields.get("llama.rope.dimension_count", config.head_dim)
+    if rotary != config.head_dim:
+        raise ValueError(
+            f"{path}: RoPE rotates {rotary} of {config.head_dim} head dimensions; partial rotary embeddings are not "
+            "part of the Llama architecture implemented here."
+        )
     if rope_freqs is not None:  # Llama 3.1+: the llama3 RoPE scaling, stored as per-frequency divisors
         config.rope_scaling = _llama3_scaling_from_freqs(rope_freqs, config, path)
     return config

@@ -87,7 +87,9 @@ def llama3_chat_text(
     return text
 
 
-def chatml_chat_text(messages: list[dict], add_generation_prompt: bool = True, default_system: str | None = None) -> str:
+def chatml_chat_text(
+    messages: list[dict], add_generation_prompt: bool = True, default_system: str | None = None
+) -> str:
     """ChatML (``<|im_start|>role\\ncontent<|im_end|>\\n``); SmolLM2's template inserts ``default_system`` when the
     conversation does not start with a system message. Contents are not stripped (the template does not)."""
     text = ""
