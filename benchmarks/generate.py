@@ -1,0 +1,137 @@
+"""Our batched KV-cache generator against `transformers`' `generate`, greedy, on SmolLM2-135M.
+
+Both models hold the same weights (ours loaded by `atmanrl.model.load`; the Hugging Face `LlamaForCausalLM` is
+built from our config and our state dict with the `model.` prefix, lm_head tied) and get the same prompt tokens
+(left-padded at batch 8). Stop tokens are disabled on both sides so every row decodes exactly `--new-tokens`
+tokens. The script checks that both produce the same tokens and prints tokens/s of each and the ratio.
+
+    python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2] [--random]
+
+`--random` uses random weights of SmolLM2's shape (speed only; token equality is still checked).
+Timings are the best of `--repeats` runs (the machine is shared; the best run is the least disturbed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from atmanrl.model.generate import generate
+from atmanrl.model.llama import Llama, LlamaConfig
+
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+                     rope_scaling=None, max_position_embeddings=8192, tie_word_embeddings=True)
+
+PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she "
+    "earn?",
+    "Betty is saving money for a new wallet which costs $100.",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue, and then give one example of Rayleigh scattering in daily life.",
+    "What is 17 times 23?",
+    "Mark has a garden with flowers. He planted plants of three different colors in it. Ten of them are yellow, "
+    "and there are 80% more of those in purple. There are only 25% as many green flowers as there are yellow and "
+    "purple flowers. How many flowers does Mark have in his garden?",
+]
+
+
+def hf_twin(model: Llama):
+    """A transformers LlamaForCausalLM with our weights."""
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    c = model.config
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        s = c.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    hf_config = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                         rope_parameters=rope, max_position_embeddings=c.max_position_embeddings,
+                         tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(hf_config)
+    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.eval().to(model.embed_tokens.weight.dtype)
+
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=pad_id, top_p=None, top_k=None,
+                          temperature=None)
+    return out[:, P:].tolist()
+
+
+def best_time(fn, repeats: int):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--random", action="store_true", help="random weights of SmolLM2's shape instead of the real ones")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.random:
+        model = Llama(LlamaConfig(**SMOLLM2_SHAPE)).init_weights(generator=torch.Generator().manual_seed(0)).eval()
+        prompts = [list(torch.randint(1, 49152, (10 + 7 * i,), generator=torch.Generator().manual_seed(i)).tolist())
+                   for i in range(8)]
+        what = "random weights of SmolLM2-135M's shape"
+    else:
+        from atmanrl.model import load
+
+        model, tok = load("smollm2-135m-instruct", dtype=torch.float32)
+        model.eval()
+        prompts = [tok.chat([{"role": "user", "content": p}]) for p in PROMPTS]
+        what = "SmolLM2-135M-Instruct (embedded GGUF, dequantised to float32)"
+    hf = hf_twin(model)
+    print(f"# generate benchmark: {what}, greedy, {args.new_tokens} new tokens, {args.threads} threads, "
+          f"torch {torch.__version__}", file=sys.stderr)
+
+    print("| batch | ours tok/s | transformers tok/s | ratio | same tokens |")
+    print("| ---: | ---: | ---: | ---: | :---: |")
+    for bs in args.batch_sizes:
+        batch = prompts[:bs]
+        ours_fn = lambda: [c.tokens for c in generate(model, batch, max_new_tokens=args.new_tokens, greedy=True)]
+        hf_fn = lambda: hf_generate(hf, batch, args.new_tokens, pad_id=0)
+        ours_fn(), hf_fn()  # warm-up (allocator, thread pools)
+        t_ours, ours = best_time(ours_fn, args.repeats)
+        t_hf, theirs = best_time(hf_fn, args.repeats)
+        n = bs * args.new_tokens
+        same = ours == theirs
+        if not same:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            pos = next(j for j, (a, b) in enumerate(zip(ours[first], theirs[first])) if a != b)
+            print(f"# batch {bs}: row {first} differs from token {pos} on", file=sys.stderr)
+        print(f"| {bs} | {n / t_ours:.1f} | {n / t_hf:.1f} | {t_hf / t_ours:.2f}x | {'yes' if same else 'NO'} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
