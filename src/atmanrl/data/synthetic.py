@@ -16,7 +16,6 @@ NAMES = [("Tom", "he", "his"), ("Maria", "she", "her"), ("Ali", "he", "his"), ("
          ("Ken", "he", "his"), ("Priya", "she", "her"), ("Omar", "he", "his"), ("Sofia", "she", "her")]
 ITEMS = ["apples", "marbles", "stickers", "cookies", "pencils", "books", "stamps", "shells"]
 CONTAINERS = ["bags", "boxes", "jars", "baskets", "packs"]
-FRIENDS = ["friends", "classmates", "cousins", "neighbours"]
 
 
 def _divisors(x: int) -> list[int]:
@@ -44,7 +43,7 @@ def _step(rng: random.Random, name: str, he: str, item: str, x: int) -> tuple[st
         return f"Then {he} ends up with {b} times as many {item}.", "*", str(b), x * b
     b = rng.choice(_divisors(x))
     sentence = rng.choice([f"Then {he} splits the {item} into {b} equal piles and keeps one pile.",
-                           f"Then {he} shares the {item} equally with {b - 1} {rng.choice(FRIENDS)}, keeping one share."])
+                           f"Then {he} shares the {item} equally among {b} people, {'himself' if he == 'he' else 'herself'} included."])
     return sentence, "/", str(b), x // b
 
 
