@@ -1,0 +1,199 @@
+"""The input of the saliency module, and the fast batched forward that evaluates Eq. 2 many times.
+
+A saliency input is one token sequence ``prompt + CoT + "#####" + gold answer`` with the spans of its parts
+(``SaliencyInput``). ``AnswerBatch`` lays a list of them out for repeated evaluation of the answer loss (Eq. 2)
+under changing attention biases — 200 times per mask in the paper's setting — and is where the speed comes from:
+
+- **The prompt prefix is computed once.** No AtMan mask entry touches a prompt row or a prompt column (the mask
+  lives on CoT key columns, and rows before the CoT cannot see them), so the prompt's keys and values are the same
+  at every step. They are computed once, without autograd, into a ``KVCache``; every step runs only the suffix
+  (CoT, delimiter, answer) against that cache. Rollouts of one group share their prompt: it is computed once for
+  the group and ``KVCache.select`` repeats it.
+- **The LM head runs only where the loss is** (``logits_at``): the positions that predict gold answer tokens.
+- **Sequences are batched.** Different prompts are left-padded into one prefix (their pad keys hidden with a large
+  negative bias, rotary positions shifted so every token keeps its true position), suffixes are right-padded (a
+  right pad key sits after every real query slot, so the causal mask already hides it). Padding changes no real
+  number: one sequence alone and the same sequence in a batch give the same loss.
+
+Slot layout of sequence ``b`` with prompt length ``P_b`` in a batch with longest prompt ``P``: prompt token ``i``
+sits in cache slot ``P - P_b + i``; suffix token ``t`` (absolute position ``P_b + t``) is query ``t`` and key slot
+``P + t``. ``row_offset``/``col_offset`` tell the mask (``atmanrl.saliency.mask``) where its block goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from atmanrl.model.llama import KVCache, Llama
+
+
+@dataclass(frozen=True)
+class SaliencyInput:
+    """One sequence ``prompt + CoT + "#####" + gold answer`` as token ids, with half-open spans of its parts.
+
+    tokens: the whole sequence.
+    prompt_len: tokens ``[0, prompt_len)`` are the prompt (shared by a group's rollouts, computed once).
+    cot: ``(start, end)`` of the CoT tokens: the key columns the AtMan mask acts on.
+    answer: ``(start, end)`` of the gold answer tokens whose cross-entropy is Eq. 2's loss.
+
+    Required order: ``prompt_len <= cot[0] <= cot[1] <= answer[0] <= answer[1] <= len(tokens)``. Tokens between
+    the CoT and the answer (the ``#####`` delimiter) and after the answer are neither masked nor scored. An empty CoT
+    or an empty answer is allowed: ``saliency`` reports it as a degenerate result instead of failing.
+    """
+
+    tokens: tuple[int, ...]
+    prompt_len: int
+    cot: tuple[int, int]
+    answer: tuple[int, int]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        object.__setattr__(self, "cot", (int(self.cot[0]), int(self.cot[1])))
+        object.__setattr__(self, "answer", (int(self.answer[0]), int(self.answer[1])))
+        order = (0, self.prompt_len, *self.cot, *self.answer, len(self.tokens))
+        if any(a > b for a, b in zip(order, order[1:])):
+            raise ValueError(
+                f"SaliencyInput spans out of order: need 0 <= prompt_len <= cot[0] <= cot[1] <= answer[0] <= "
+                f"answer[1] <= len(tokens), got prompt_len={self.prompt_len}, cot={self.cot}, "
+                f"answer={self.answer}, len(tokens)={len(self.tokens)}. Spans are half-open (start, end) token "
+                f"indices; SaliencyInput.from_parts builds them from the four token lists."
+            )
+
+    @classmethod
+    def from_parts(
+        cls, prompt: Sequence[int], cot: Sequence[int], delimiter: Sequence[int], answer: Sequence[int]
+    ) -> "SaliencyInput":
+        """Concatenate ``prompt + cot + delimiter + answer`` and record the spans."""
+        p, c, d = len(prompt), len(cot), len(delimiter)
+        return cls(
+            tokens=(*prompt, *cot, *delimiter, *answer),
+            prompt_len=p,
+            cot=(p, p + c),
+            answer=(p + c + d, p + c + d + len(answer)),
+        )
+
+    @property
+    def n_cot(self) -> int:
+        return self.cot[1] - self.cot[0]
+
+    @property
+    def n_answer(self) -> int:
+        return self.answer[1] - self.answer[0]
+
+    @property
+    def mask_rows(self) -> int:
+        """Rows of the AtMan mask: every query from the first CoT token to the end of the sequence."""
+        return len(self.tokens) - self.cot[0]
+
+
+def pad_bias_value(dtype: torch.dtype) -> float:
+    """A finite "hide this key" bias. Finite, not -inf: a left-pad query whose every key is hidden then gets a
+    uniform (harmless) softmax instead of NaN; exp of it underflows to exactly 0 next to any real key."""
+    return torch.finfo(dtype).min
+
+
+class AnswerBatch:
+    """A batch of ``SaliencyInput`` prepared for repeated answer-loss evaluations (see the module docstring).
+
+    ``losses(attn_bias)`` returns Eq. 2 for every sequence: the mean cross-entropy of its gold answer tokens under
+    teacher forcing, with ``attn_bias`` ``(B, 1, T, P + T)`` added to the attention scores of the suffix queries.
+    Every input must have at least one CoT token and one answer token (``saliency`` filters degenerate inputs).
+    """
+
+    def __init__(self, model: Llama, inputs: Sequence[SaliencyInput]):
+        if not inputs:
+            raise ValueError("AnswerBatch needs at least one SaliencyInput")
+        for i, x in enumerate(inputs):
+            if x.n_cot == 0 or x.n_answer == 0:
+                raise ValueError(
+                    f"input {i} has {x.n_cot} CoT and {x.n_answer} answer tokens; AnswerBatch needs both "
+                    f"non-empty (saliency() reports such inputs as degenerate instead of batching them)"
+                )
+        self.model = model
+        self.inputs = list(inputs)
+        param = model.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        dev = self.device
+        B = len(inputs)
+        prompt_lens = [x.prompt_len for x in inputs]
+        suffix_lens = [len(x.tokens) - x.prompt_len for x in inputs]
+        P, T = max(prompt_lens), max(suffix_lens)
+        self.B, self.P, self.T = B, P, T
+
+        # Unique prompts: a GRPO group's rollouts share one prompt, computed once and repeated by KVCache.select.
+        unique: dict[tuple[int, ...], int] = {}
+        group = [unique.setdefault(x.tokens[: x.prompt_len], len(unique)) for x in inputs]
+        self.group_index = torch.tensor(group, device=dev)
+        self.n_prompts = len(unique)
+
+        # Key-side bias shared by every step: hide the left-pad slots of each sequence's prompt.
+        hide = pad_bias_value(self.dtype)
+        slots = torch.arange(P + T, device=dev)
+        left_pad = slots[None, :] < (P - torch.tensor(prompt_lens, device=dev))[:, None]  # (B, P + T)
+        self.pad_bias = torch.zeros(B, 1, 1, P + T, device=dev, dtype=self.dtype).masked_fill(
+            left_pad[:, None, None, :], hide
+        )
+
+        # The prefix, once, without autograd: keys/values of every unique prompt, left-padded to P.
+        self.prefix_cache: KVCache | None = None
+        if P > 0:
+            prompts = list(unique)
+            lens = torch.tensor([len(p) for p in prompts], device=dev)
+            tokens = torch.zeros(len(prompts), P, dtype=torch.long, device=dev)
+            for u, p in enumerate(prompts):
+                if p:
+                    tokens[u, P - len(p):] = torch.tensor(p, device=dev)
+            shift = (P - lens)[:, None]
+            positions = (torch.arange(P, device=dev)[None, :] - shift).clamp(min=0)
+            key_pad = torch.arange(P, device=dev)[None, :] < shift  # (U, P)
+            bias = torch.zeros(len(prompts), 1, 1, P, device=dev, dtype=self.dtype).masked_fill(
+                key_pad[:, None, None, :], hide
+            )
+            self.prefix_cache = KVCache(model.config, len(prompts), P + T, device=dev, dtype=self.dtype)
+            only_first = torch.zeros(len(prompts), 1, dtype=torch.long, device=dev)  # logits unused: we want the cache
+            with torch.no_grad():
+                model(tokens, bias, positions=positions, cache=self.prefix_cache, logits_at=only_first)
+
+        # The suffix, right-padded; rotary positions continue each sequence's own prompt.
+        self.suffix = torch.zeros(B, T, dtype=torch.long, device=dev)
+        for b, x in enumerate(inputs):
+            self.suffix[b, : suffix_lens[b]] = torch.tensor(x.tokens[x.prompt_len:], device=dev)
+        self.positions = torch.tensor(prompt_lens, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]
+
+        # Answer token n of sequence b is predicted by query a0 - 1 + n (suffix coordinates: minus P_b).
+        K = max(x.n_answer for x in inputs)
+        self.logits_at = torch.zeros(B, K, dtype=torch.long, device=dev)
+        self.targets = torch.zeros(B, K, dtype=torch.long, device=dev)
+        self.loss_dtype = torch.promote_types(self.dtype, torch.float32)  # CE in float32 even for a bf16 model
+        self.weights = torch.zeros(B, K, dtype=self.loss_dtype, device=dev)  # 1/N on real answer tokens, 0 on pads
+        for b, x in enumerate(inputs):
+            a0, a1 = x.answer
+            n = a1 - a0
+            self.logits_at[b, :n] = torch.arange(a0 - 1, a1 - 1, device=dev) - x.prompt_len
+            self.targets[b, :n] = torch.tensor(x.tokens[a0:a1], device=dev)
+            self.weights[b, :n] = 1.0 / n
+
+        # Where each sequence's AtMan block (rows and columns from its first CoT token) lands in attn_bias.
+        self.row_offset = [x.cot[0] - x.prompt_len for x in inputs]
+        self.col_offset = [P + x.cot[0] - x.prompt_len for x in inputs]
+
+    @property
+    def bias_shape(self) -> tuple[int, int]:
+        """``(queries, keys)`` of the attention bias a step takes: ``(T, P + T)``."""
+        return self.T, self.P + self.T
+
+    def losses(self, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Eq. 2 per sequence, ``(B,)``: mean CE of the gold answer tokens under ``attn_bias``."""
+        bias = self.pad_bias if attn_bias is None else self.pad_bias + attn_bias
+        # A fresh copy of the prefix per call: the forward writes the suffix keys into it, and a new buffer keeps
+        # each step's autograd graph separate from the last.
+        cache = None if self.prefix_cache is None else self.prefix_cache.select(self.group_index)
+        logits = self.model(
+            self.suffix, bias, positions=self.positions, cache=cache, start_pos=self.P, logits_at=self.logits_at
+        )
+        logp = F.log_softmax(logits.to(self.loss_dtype), dim=-1).gather(-1, self.targets[..., None])[..., 0]  # (B, K)
+        return -(logp * self.weights).sum(dim=1)

