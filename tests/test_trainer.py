@@ -146,3 +146,26 @@ def test_config_errors_reach_the_trainer(tmp_path):
     cfg = tiny_config(tmp_path, "train.problems_per_update=3", "train.num_minibatches=5")
     with pytest.raises(ValueError, match="num_minibatches"):
         train(cfg, policy=tiny_policy(), task=TinyTask(), problems=list(range(8)))
+
+
+def test_gsm8k_task_scores_real_tokens(smollm2):
+    """GSM8KTask on SmolLM2's tokenizer: the answer after "#####" is judged, the saliency sequence is
+    prompt + CoT + "#####" + gold; a completion without the delimiter is unanswered and gets no saliency input."""
+    from atmanrl.data.gsm8k import Problem
+    from atmanrl.rl.rollout import GSM8KTask
+
+    _, tokenizer = smollm2
+    task = GSM8KTask(tokenizer)
+    problem = Problem("Tom has 3 bags of 4 apples. How many apples?", "3*4=12\n#### 12", "12")
+    prompt = task.prompt(problem)
+    right = tokenizer.encode("3 bags of 4 apples is 3*4 = 12 apples.\n##### 12") + tokenizer.stop_ids[:1]
+    wrong = tokenizer.encode("3 + 4 = 7.\n##### 7")
+    cut = tokenizer.encode("Let me think about the apples in the bags")
+    s_right, s_wrong, s_cut = (task.score(problem, prompt, c) for c in (right, wrong, cut))
+    assert s_right.correct and s_right.has_answer and not s_wrong.correct and s_wrong.has_answer
+    assert not s_cut.correct and not s_cut.has_answer and s_cut.saliency_input is None
+    assert s_cut.cot_tokens == len(cut)
+    x = s_wrong.saliency_input
+    assert list(x.tokens[: x.prompt_len]) == prompt
+    assert tokenizer.decode(list(x.tokens[x.cot[0]:x.cot[1]])).startswith("3 + 4 = 7")
+    assert tokenizer.decode(list(x.tokens[x.answer[0]:x.answer[1]])).strip() == "12"  # the GOLD answer, not 7

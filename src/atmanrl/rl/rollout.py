@@ -96,13 +96,13 @@ class GSM8KTask:
 
     def score(self, problem, prompt: list[int], completion: list[int]) -> Score:
         from atmanrl.data import gsm8k
+        from atmanrl.saliency import SaliencyInput
 
-        body = [t for t in completion if t not in self.stop_ids]  # the stop token is not part of the answer
-        split = gsm8k.split_tokens(self.tokenizer, body)
-        if split is None or split.answer is None:  # no "#####": no answer, no CoT/answer boundary
-            return Score(correct=False, has_answer=False, cot_tokens=len(body))
-        answer_text = self.tokenizer.decode(body[split.answer[0]:split.answer[1]])
-        correct = gsm8k.is_correct(answer_text, problem.gold)
-        saliency_input = gsm8k.saliency_sequence(self.tokenizer, prompt, body[: split.cot[1]], problem.gold)
-        return Score(correct=correct, has_answer=True, cot_tokens=split.cot[1] - split.cot[0],
-                     saliency_input=saliency_input)
+        spans = gsm8k.split_tokens(self.tokenizer, completion)  # trailing end-of-turn tokens belong to no span
+        if spans.delim is None:  # no "#####": no answer, no CoT/answer boundary (see the module docstring)
+            return Score(correct=False, has_answer=False, cot_tokens=spans.cot[1])
+        text = self.tokenizer.decode([t for t in completion if t not in self.stop_ids])
+        _, answer = gsm8k.split_completion(text)
+        tokens, prompt_len, cot, gold = gsm8k.saliency_sequence(self.tokenizer, prompt, completion, problem.gold)
+        return Score(correct=gsm8k.is_correct(answer, problem.gold), has_answer=True, cot_tokens=spans.cot[1],
+                     saliency_input=SaliencyInput(tokens, prompt_len, cot, gold))
