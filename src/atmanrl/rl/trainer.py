@@ -327,11 +327,27 @@ def _pad(rows: list[list[float]] | list[torch.Tensor], width: int, device) -> to
     return t
 
 
+def _carries_signal(chunk: list[Rollout]) -> bool:
+    """Does any rank's micro-batch at this position have a non-zero advantage? (Zero-variance groups have none.)
+
+    Collective under FSDP: every rank must run the same forwards, so they all skip or none does."""
+    local = torch.tensor([float(any(r.advantage != 0 for r in chunk))])
+    return bool(dist.all_reduce(local, "max").item())
+
+
+def _fill_missing_grads(policy) -> None:
+    for p in policy.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def policy_update(policy, optimizer, rollouts: list[Rollout], ref_logp, cfg: RunConfig, pad_id: int,
                   global_count: int) -> tuple[list[float], LossStats, list[float]]:
     """``ppo_epochs`` passes of ``num_minibatches`` AdamW steps over this rank's rollouts (Eq. 5).
 
-    Returns the global loss of every optimizer step, the pooled ratio statistics and the gradient norms.
+    Returns the global loss of every optimizer step, the pooled ratio statistics (of the micro-batches that were
+    computed) and the gradient norms. A micro-batch whose rollouts all have advantage 0 (zero-variance groups,
+    e.g. every rollout truncated) contributes exactly 0 to the gradient and is skipped (with kl_beta 0).
     """
     t, g = cfg.train, cfg.grpo
     device = next(policy.parameters()).device
@@ -344,6 +360,8 @@ def policy_update(policy, optimizer, rollouts: list[Rollout], ref_logp, cfg: Run
             step_loss = torch.zeros((), dtype=torch.float64)
             for s in range(0, len(rows), t.micro_batch_size):
                 chunk = [rollouts[i] for i in rows[s:s + t.micro_batch_size]]
+                if g.kl_beta == 0 and not _carries_signal(chunk):
+                    continue  # all advantages 0 on every rank: the gradient is exactly 0, skip the forward
                 logp, mask = sequence_logprobs(policy, [r.prompt for r in chunk], [r.completion for r in chunk],
                                                temperature=cfg.rollout.temperature, pad_id=pad_id)
                 width = logp.shape[1]
@@ -356,6 +374,7 @@ def policy_update(policy, optimizer, rollouts: list[Rollout], ref_logp, cfg: Run
                 loss.backward()
                 step_loss += loss.detach().double().cpu()
                 stats = stats.add(st)
+            _fill_missing_grads(policy)  # skipped micro-batches: an exact zero, so AdamW still steps as usual
             if t.grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
                 grad_norms.append(float(dist.full_tensor(norm)))
@@ -427,8 +446,9 @@ def metrics_record(update: int, epoch: int, rollouts: list[Rollout], zero_var: t
         "cot_len": cot / max(n_answered, 1), "completion_len": length / n,
         "zero_variance_groups": int(zv), "groups": int(groups),
         "loss": sum(losses) / max(len(losses), 1), "losses": losses,  # the global loss of every optimizer step
-        "clip_fraction": clipped / max(units, 1), "ratio_mean": ratio_sum / max(units, 1),
-        "ratio_min": rmin, "ratio_max": rmax,
+        # ratio statistics are null when no micro-batch carried a gradient (every group zero-variance)
+        "clip_fraction": clipped / max(units, 1), "ratio_mean": ratio_sum / units if units else None,
+        "ratio_min": rmin if units else None, "ratio_max": rmax if units else None,
         "time_rollout": t[0], "time_saliency": t[1], "time_update": t[2],
         "tokens_per_s": length / max(t[0], 1e-9),
     }
