@@ -61,7 +61,10 @@ def plot_runs(runs: list, out: Path) -> Path:
     what = " / ".join(sorted(sources))
     ax_acc.set(xlabel="update", ylabel="accuracy", title=f"Accuracy ({what})")
     ax_len.set(xlabel="update", ylabel="tokens", title=f"Mean response length ({what})")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_acc, ax_len):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # updates are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
