@@ -8,7 +8,8 @@ tokens. The script checks that both produce the same tokens and prints tokens/s 
     python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2] [--random]
 
 `--random` uses random weights of SmolLM2's shape (speed only; token equality is still checked).
-Timings are the best of `--repeats` runs (the machine is shared; the best run is the least disturbed).
+Timings are the best of `--repeats` interleaved runs (the machine is shared; the best run is the least
+disturbed, and interleaving gives both sides the same background load).
 """
 
 from __future__ import annotations
@@ -79,13 +80,10 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> l
     return out[:, P:].tolist()
 
 
-def best_time(fn, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+def timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
 
 
 def main():
@@ -121,8 +119,12 @@ def main():
         ours_fn = lambda: [c.tokens for c in generate(model, batch, max_new_tokens=args.new_tokens, greedy=True)]
         hf_fn = lambda: hf_generate(hf, batch, args.new_tokens, pad_id=0)
         ours_fn(), hf_fn()  # warm-up (allocator, thread pools)
-        t_ours, ours = best_time(ours_fn, args.repeats)
-        t_hf, theirs = best_time(hf_fn, args.repeats)
+        t_ours = t_hf = float("inf")
+        for _ in range(args.repeats):  # interleaved, so both see the same background load
+            t, ours = timed(ours_fn)
+            t_ours = min(t_ours, t)
+            t, theirs = timed(hf_fn)
+            t_hf = min(t_hf, t)
         n = bs * args.new_tokens
         same = ours == theirs
         if not same:

@@ -2,6 +2,7 @@
 
 import json
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,21 @@ def test_evaluate_end_to_end_on_smollm2(smollm2, tmp_path):
     json.dumps(result)  # every field serialises
     again = evaluate(model, tok, make_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
     assert [s["completion"] for s in again["samples"]] == [s["completion"] for s in samples]
+
+
+def test_compare_mode_prints_relative_changes(tmp_path, capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "eval_gsm8k.py"
+    spec = importlib.util.spec_from_file_location("eval_gsm8k", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    base = {"k": 4, "avg_cot_tokens": 200.0, "numbers_pct": 10.0, "stop_words_pct": 30.0, "symbols_pct": 5.0,
+            "pass_at_k": 90.0, "accuracy": 70.0}
+    ours = dict(base, avg_cot_tokens=100.0, symbols_pct=6.0)
+    for name, summary in [("baseline", base), ("atmanrl", ours)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"label": "run", "summary": summary, "samples": []}))
+    script.main(["--compare", str(tmp_path / "baseline.json"), str(tmp_path / "atmanrl.json")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("| run (atmanrl) | 100.0 (-50%) | 10.00 (+0%) | 30.00 (+0%) | 6.00 (+20%) |")
+    assert out[3].startswith("| run (baseline) | 200.0 | 10.00 |")
