@@ -192,3 +192,13 @@ def test_eval_lines_and_figure2(tmp_path):
     assert source == "eval" and x == [0, 1, 2] and len(acc) == 3 and all(v == 3 for v in length)
     png = plot_runs([tmp_path / "baseline", tmp_path / "atmanrl"], tmp_path / "fig2.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("override", ["grpo.kl_beta=0.1", "grpo.ratio=sequence", "grpo.std_normalize=true"])
+def test_loss_variants_run(tmp_path, override):
+    """The optional KL term, the literal sequence-level ratio (Eq. 5) and std-normalised advantages train too."""
+    cfg = tiny_config(tmp_path, "train.max_updates=3", override)
+    result = train(cfg, policy=tiny_policy(), task=TinyTask(), problems=list(range(8)))
+    assert all(math.isfinite(x) for r in result.metrics for x in r["losses"])
+    if "kl_beta" in override:
+        assert any(r.get("kl", 0) > 0 for r in result.metrics)  # the policy moved away from the reference

@@ -141,22 +141,16 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum/min/max) of a CPU/GPU tensor; identity without a process group."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         ops = {"sum": torch_dist.ReduceOp.SUM, "min": torch_dist.ReduceOp.MIN, "max": torch_dist.ReduceOp.MAX}
-        torch_dist.all_reduce(t, op=ops[op])
+        on_device = t.to(info().device)  # nccl reduces GPU tensors only; gloo takes CPU tensors as they are
+        torch_dist.all_reduce(on_device, op=ops[op])
+        if on_device is not t:
+            t.copy_(on_device)
     return t
 
 
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s Python object on every rank."""
-    if not torch_dist.is_initialized():
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def log(message: str) -> None:

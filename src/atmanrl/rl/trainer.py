@@ -123,11 +123,13 @@ def train(
     torch.manual_seed(cfg.train.seed)
 
     # ---- model, task, data --------------------------------------------------------------------------------
-    if policy is None or task is None:
+    if policy is None:
         from atmanrl.model import load
 
         policy, tokenizer = load(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
-        task = GSM8KTask(tokenizer)
+        task = task or GSM8KTask(tokenizer)
+    elif task is None:
+        raise ValueError("train(policy=...) also needs task=...: the task knows the policy's tokenizer")
     if problems is None:
         problems = load_problems(cfg.data.path, cfg.data.synthetic_problems, cfg.data.seed, cfg.data.max_problems)
     if eval_problems is None and cfg.eval.every > 0:
