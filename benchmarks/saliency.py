@@ -192,8 +192,12 @@ def main(argv=None):
                              "(~80 tokens), for when 200 reference steps on 400 tokens take too long")
     parser.add_argument("--compressed", type=int, nargs="*", default=[10, 20, 40],
                         help="step counts of the compressed schedules")
+    parser.add_argument("--threads", type=int, help="torch threads (on a machine shared with other jobs, 1 thread "
+                                                    "avoids OpenMP spin-waiting; the quality part is timed in steps)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer = load(args.model, dtype=torch.float32)
     model.eval()

@@ -99,8 +99,8 @@ def test_fast_path_equals_plain_transformers_path():
     """Prefix cache + answer-only head + batching (ours) reach the same mask as HF's full-sequence 4D mask.
 
     float64, 8 steps, three sequences of different lengths in one batch (two share a prompt, one has a longer
-    prompt), each compared with its own plain run. Tolerance 1e-9 on p (float64 round-off, amplified at most by
-    Adam's normalisation).
+    prompt), each compared with its own plain run. Tolerance 1e-6 on the losses and on p: transformers computes the
+    rotary angles in float32 even for a float64 model (~1e-7 relative); any error in the fast layout is >= 1e-3.
     """
     model = _tiny()
     hf = hf_twin(model, attn_implementation="eager")
@@ -117,8 +117,8 @@ def test_fast_path_equals_plain_transformers_path():
     for x, r in zip(inputs, ours):
         p_plain, losses = plain_mask_steps(hf, x, config, config.steps)
         assert r.ok
-        print(max(abs(a - b) for a, b in zip(r.loss_curve, losses)))
+        assert max(abs(a - b) for a, b in zip(r.loss_curve, losses)) <= 1e-6
         diff = (ours_as_dense(r.mask, x, config.init) - p_plain.double()).abs().max().item()
-        print(diff)
+        assert diff <= 1e-6, diff
         moved = (p_plain - torch.where(p_plain != 0, config.init, 0.0)).abs().max().item()
         assert moved > 1e-3  # the masks did move: the comparison is not between two initial masks

@@ -53,7 +53,9 @@ class EarlyStop:
 
     Every ``every`` steps (from ``min_steps`` on) the per-token saliency of each sequence is compared with the one
     ``every`` steps earlier by Spearman's rank correlation; a sequence converges when the correlation reaches
-    ``rho``. The batch stops when every live sequence has converged.
+    ``rho``. The batch stops when every live sequence has converged. Measured (benchmarks/README.md): at the
+    paper's lr the ranking drifts slowly and steadily, so this rule stops too early (rho 0.80 against the 200-step
+    result at 4x less time); ``SaliencyConfig.compressed`` is the better way to save time.
     """
 
     every: int = 10
@@ -77,6 +79,18 @@ class SaliencyConfig:
     max_batch: int | None = None  # sequences per optimisation batch; None: all inputs at once
     early_stop: EarlyStop | None = None  # None: the paper's fixed step count
     return_mask: bool = False  # keep each optimised Ĥ (rows x CoT) in the result
+
+    @classmethod
+    def compressed(cls, steps: int = 20, **overrides) -> "SaliencyConfig":
+        """The paper's schedule in fewer steps: ``steps`` at ``lr = 1e-3 * 200 / steps`` (beyond the paper).
+
+        Adam moves an entry by about lr per step, so keeping ``steps x lr`` keeps how far the mask can move, and the
+        reward's scale. Measured on SmolLM2-135M (benchmarks/README.md): 20 steps give per-token saliency with
+        Spearman rho 0.93 against the 200-step result, 10x less time; truncating the paper's run at 20 steps gives
+        0.62, and stopping when the ranking settles (``EarlyStop``) stops too early. Off by default.
+        """
+        paper = cls()
+        return cls(steps=steps, lr=paper.lr * paper.steps / steps, **overrides)
 
     def __post_init__(self):
         if isinstance(self.early_stop, dict):
@@ -176,7 +190,7 @@ def _optimise(inputs, model, config: SaliencyConfig, on_step) -> list[SaliencyRe
         unmasked = batch.losses()
     curve = torch.full((config.steps, batch.B), math.nan, device=batch.device, dtype=batch.loss_dtype)
     alive = torch.ones(batch.B, dtype=torch.bool, device=batch.device)  # loss finite at every step so far
-    stopper = _Convergence(config.early_stop, inputs) if config.early_stop else None
+    stopper = _Convergence(config.early_stop) if config.early_stop else None
     steps = 0
     for step in range(config.steps):
         bias = mask(*batch.bias_shape, batch.row_offset, batch.col_offset)  # (B, 1, T, P + T)
@@ -195,7 +209,7 @@ def _optimise(inputs, model, config: SaliencyConfig, on_step) -> list[SaliencyRe
 
     curve, unmasked, alive = curve[:steps].T.cpu(), unmasked.cpu(), alive.cpu()
     results = []
-    for b in range(batch.B):
+    for b in range(batch.B):  # Eq. 3 read-out
         h_hat = normalised_mask(mask.sequence_p(b).detach(), config.init).cpu()
         col = column_means(h_hat)
         r = rewards(col)
@@ -247,7 +261,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 class _Convergence:
     """``EarlyStop``: compares each sequence's per-token saliency every ``every`` steps."""
 
-    def __init__(self, rule: EarlyStop, inputs):
+    def __init__(self, rule: EarlyStop):
         self.rule, self.previous = rule, None
 
     def converged(self, steps: int, mask: AtManMask, alive: torch.Tensor) -> bool:
