@@ -34,6 +34,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--label", default=None, help="row label in the table (default: the model name)")
     ap.add_argument("--out", default="runs/eval/results.json", help="results JSON (the table goes next to it, .md)")
     ap.add_argument("--compare", nargs=2, metavar=("BASELINE_JSON", "ATMANRL_JSON"),
@@ -68,6 +69,8 @@ def main(argv=None):
         source = f"synthetic (atmanrl.data.synthetic, seed {args.seed})"
     print(f"[eval] {len(problems)} problems from {source}, k={args.k}, model {args.model}", file=sys.stderr)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=torch.float32)
     model.eval()
     result = evaluate(model, tokenizer, problems, k=args.k, max_new_tokens=args.max_new_tokens,
