@@ -21,6 +21,10 @@ The rollout reward needs one number per sequence, and the paper is ambiguous abo
 
 Both average the per-column means with equal weight per CoT token (not the mean over all entries, which would let
 early CoT tokens, having more rows, weigh more).
+
+Scale (DESIGN, pitfall b): Adam moves an entry by about lr per step, so ``|1 - Ĥ|`` is at most about
+``steps * lr / |c|`` (0.5 for the paper's 200 x 1e-3 / 0.4) and rollout rewards are typically 0.005-0.12, small
+next to the 0/-1 outcome reward. They are not normalised here.
 """
 
 from __future__ import annotations
