@@ -25,9 +25,10 @@ from pathlib import Path
 
 DELIMITER = "#####"
 
+# No worked example in the instruction: small models copy an example's number as their answer.
 INSTRUCTION = (
-    "Solve the following math problem. Reason step by step, then write the final answer as ##### followed by "
-    "the number only, for example: ##### 42"
+    "Solve the following math problem. Reason step by step, then write ##### followed by the final answer as a "
+    "single number."
 )
 
 
