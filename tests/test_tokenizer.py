@@ -196,3 +196,20 @@ def test_load_hf_dir_fits_tokenizer_to_embedding(tmp_path, caplog):
     assert "<|image|>" in caplog.text
     assert tok.vocab_size == model.config.vocab_size == 128256
     assert tok.template == "llama3"
+
+
+def test_save_round_trip_keeps_ids_template_and_special_tokens(smollm2, tmp_path):
+    """`Tokenizer.save` writes what `load(directory)` needs: same ids, same chat ids (incl. SmolLM2's default system
+    prompt, which lives in the jinja template), same special ids; transformers reads the same chat template."""
+    transformers = pytest.importorskip("transformers")
+    _, ours = smollm2
+    ours.save(tmp_path)
+    back = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    text = "Natalia sold 48 clips in April, and then  half as many in May. ##### 72"
+    chat = [{"role": "user", "content": "What is 12 * 3?"}]
+    assert back.encode(text) == ours.encode(text)
+    assert back.chat(chat) == ours.chat(chat)
+    assert (back.bos_id, back.eos_id, back.pad_id, back.stop_ids) == (ours.bos_id, ours.eos_id, ours.pad_id,
+                                                                        ours.stop_ids)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == ours.chat_text(chat)

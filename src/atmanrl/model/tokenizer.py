@@ -128,8 +128,10 @@ class Tokenizer:
         default_system: str | None = None,
         date: str = LLAMA3_DATE,
         source: str = "<in memory>",
+        chat_template: str | None = None,
     ):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # the source's jinja text, kept only so that `save` can write it back
         self._vocab_size = None
         self.source = source
         self.date = date
@@ -175,7 +177,8 @@ class Tokenizer:
 
         template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
         kwargs.setdefault("default_system", _chatml_default_system(template))
-        return cls(tok, bos=name("bos_token"), eos=name("eos_token"), pad=name("pad_token"), source=str(path), **kwargs)
+        return cls(tok, bos=name("bos_token"), eos=name("eos_token"), pad=name("pad_token"), source=str(path),
+                   chat_template=template, **kwargs)
 
     @classmethod
     def from_gguf_fields(cls, fields: dict, path: str = "<gguf>", **kwargs) -> "Tokenizer":
@@ -208,7 +211,24 @@ class Tokenizer:
             return tokens[i] if i is not None else None
 
         kwargs.setdefault("default_system", _chatml_default_system(fields.get("tokenizer.chat_template")))
-        return cls(tok, bos=name("bos"), eos=name("eos"), pad=name("padding"), source=str(path), **kwargs)
+        return cls(tok, bos=name("bos"), eos=name("eos"), pad=name("padding"), source=str(path),
+                   chat_template=fields.get("tokenizer.chat_template"), **kwargs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` (special tokens, the jinja chat template when the
+        source had one) into a model directory, so that ``load(directory)`` and ``transformers`` read it back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+
+        def token(i):
+            return self.tokenizer.id_to_token(i) if i is not None else None
+
+        config = {"bos_token": token(self.bos_id), "eos_token": token(self.eos_id), "pad_token": token(self.pad_id)}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return directory
 
     # -- vocabulary ---------------------------------------------------------------------------------------------
 

@@ -120,8 +120,12 @@ def load(path: str | Path, model, optimizer) -> dict:
     return json.loads(state_file.read_text())
 
 
-def export_hf(plain_model, path: str | Path) -> Path:
-    """Write a plain (unsharded) ``Llama`` as a Hugging Face safetensors directory; call on rank 0 only."""
+def export_hf(plain_model, path: str | Path, tokenizer=None) -> Path:
+    """Write a plain (unsharded) ``Llama`` as a Hugging Face safetensors directory, with its tokenizer when given
+    (then ``atmanrl.model.load(path)`` and the evaluation script read it directly); call on rank 0 only."""
     from atmanrl.model import save_hf
 
-    return save_hf(plain_model, path)
+    path = save_hf(plain_model, path)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

@@ -244,7 +244,7 @@ def train(
     if cfg.checkpoint.export and total > 0:
         gather_weights(policy, inference, sharded)
         if d.is_main:
-            path = checkpointing.export_hf(inference, out / "policy")
+            path = checkpointing.export_hf(inference, out / "policy", getattr(task, "tokenizer", None))
             dist.log(f"exported the policy to {path} (Hugging Face safetensors)")
         dist.barrier()
     return TrainResult(total, records, out, policy)
