@@ -17,11 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from atmanrl.model.generate import generate
 from atmanrl.model.llama import Llama, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the transformers reference lives with the tests
+from hf_reference import hf_twin  # noqa: E402
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -41,32 +45,6 @@ PROMPTS = [
     "and there are 80% more of those in purple. There are only 25% as many green flowers as there are yellow and "
     "purple flowers. How many flowers does Mark have in his garden?",
 ]
-
-
-def hf_twin(model: Llama):
-    """A transformers LlamaForCausalLM with our weights."""
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
-
-    c = model.config
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
-        s = c.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
-    hf_config = HFConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-                         rope_parameters=rope, max_position_embeddings=c.max_position_embeddings,
-                         tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa")
-    hf = LlamaForCausalLM(hf_config)
-    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    return hf.eval().to(model.embed_tokens.weight.dtype)
 
 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> list[list[int]]:

@@ -83,7 +83,8 @@ def log(msg: str):
 
 
 def speed(model, x: SaliencyInput, steps: int) -> dict:
-    from test_saliency_plain import hf_twin, ours_as_dense, plain_mask_steps
+    from hf_reference import hf_twin
+    from test_saliency_plain import ours_as_dense, plain_mask_steps
 
     hf = hf_twin(model)
     config = SaliencyConfig(steps=steps, return_mask=True)

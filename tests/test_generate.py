@@ -6,6 +6,7 @@ import torch
 
 from atmanrl.model.generate import _top_p_filter, generate, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
+from hf_reference import hf_twin
 
 PARITY_TOL = 1e-4  # float32, generator (KV cache, left padding) vs one plain forward
 PAD_TOL = 1e-5  # the same sequence alone vs in a padded batch
@@ -22,23 +23,6 @@ def tiny():
 def random_prompts(lengths, vocab, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_twin(model: Llama):
-    """transformers' LlamaForCausalLM holding our weights (the independent reference)."""
-    from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
-
-    c = model.config
-    assert c.rope_scaling is None  # SmolLM2 has plain RoPE
-    hf = LlamaForCausalLM(HFConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings))
-    hf.load_state_dict({k if k == "lm_head.weight" else "model." + k: v for k, v in model.state_dict().items()})
-    return hf.eval()
 
 
 def test_greedy_equals_transformers_on_smollm2(smollm2):

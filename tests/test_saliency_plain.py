@@ -4,7 +4,7 @@ The plain path is the implementation one writes first, and the reference here: H
 ``transformers.LlamaForCausalLM`` holding the same weights, the whole sequence in every step (no prefix cache),
 the AtMan bias built entry by entry as a dense ``(S, S)`` parameter inside a 4D float attention mask that requires
 grad, the full LM head, ``loss.backward()`` (weights keep ``requires_grad``: their gradients are computed and
-thrown away). ``benchmarks/saliency.py`` imports ``hf_twin`` and ``plain_mask_steps`` from here to time it;
+thrown away). ``benchmarks/saliency.py`` imports ``plain_mask_steps`` from here to time it (``hf_twin``: tests/hf_reference.py);
 nothing in ``src/`` ever imports transformers.
 """
 
@@ -14,22 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atmanrl.model.checkpoint import config_to_hf
 from atmanrl.model.llama import Llama, LlamaConfig
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+from hf_reference import hf_twin
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_twin(model: Llama, attn_implementation: str = "sdpa"):
-    """A ``transformers.LlamaForCausalLM`` with exactly our model's weights (names get the ``model.`` prefix)."""
-    dtype = model.embed_tokens.weight.dtype
-    hf_config = transformers.LlamaConfig(**config_to_hf(model.config), attn_implementation=attn_implementation)
-    hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
-    state = {(k if k.startswith("lm_head") else "model." + k): v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
-    return hf
 
 
 def plain_mask_steps(hf, x: SaliencyInput, config: SaliencyConfig, steps: int, on_step=None):
