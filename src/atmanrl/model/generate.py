@@ -46,10 +46,9 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     """Left-pad token lists to one length.
 
     Returns ``tokens (B, P)``, rotary ``positions (B, P)`` (0 at each row's first real token; pads get 0 too,
-    which is harmless because nothing attends to them) and ``is_pad (B, P)``.
+    which is harmless because nothing attends to them) and ``is_pad (B, P)``. Shared with the saliency module's
+    prompt prefix (``atmanrl.saliency.batch``).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
     P = max(len(p) for p in prompts)
     pads = torch.tensor([P - len(p) for p in prompts], device=device)
     tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
@@ -112,6 +111,8 @@ def generate(
         raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
     if max_new_tokens < 1:
         return [Completion([], [], False) for _ in prompts]
     device = next(model.parameters()).device

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from atmanrl.model.generate import left_pad
 from atmanrl.model.llama import KVCache, Llama
 
 
@@ -133,23 +134,16 @@ class AnswerBatch:
         # Key-side bias shared by every step: hide the left-pad slots of each sequence's prompt.
         hide = pad_bias_value(self.dtype)
         slots = torch.arange(P + T, device=dev)
-        left_pad = slots[None, :] < (P - torch.tensor(prompt_lens, device=dev))[:, None]  # (B, P + T)
+        pad_slots = slots[None, :] < (P - torch.tensor(prompt_lens, device=dev))[:, None]  # (B, P + T)
         self.pad_bias = torch.zeros(B, 1, 1, P + T, device=dev, dtype=self.dtype).masked_fill(
-            left_pad[:, None, None, :], hide
+            pad_slots[:, None, None, :], hide
         )
 
         # The prefix, once, without autograd: keys/values of every unique prompt, left-padded to P.
         self.prefix_cache: KVCache | None = None
         if P > 0:
             prompts = list(unique)
-            lens = torch.tensor([len(p) for p in prompts], device=dev)
-            tokens = torch.zeros(len(prompts), P, dtype=torch.long, device=dev)
-            for u, p in enumerate(prompts):
-                if p:
-                    tokens[u, P - len(p):] = torch.tensor(p, device=dev)
-            shift = (P - lens)[:, None]
-            positions = (torch.arange(P, device=dev)[None, :] - shift).clamp(min=0)
-            key_pad = torch.arange(P, device=dev)[None, :] < shift  # (U, P)
+            tokens, positions, key_pad = left_pad(prompts, 0, dev)  # (U, P) each
             bias = torch.zeros(len(prompts), 1, 1, P, device=dev, dtype=self.dtype).masked_fill(
                 key_pad[:, None, None, :], hide
             )
