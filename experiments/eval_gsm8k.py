@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def main(argv=None):
         print(table1_markdown([rows[1], rows[0]], baseline=rows[0][0]))
         return
 
-    from atmanrl.data import make_problems, read_gsm8k
+    from atmanrl.data import draw_problems, make_problems, read_gsm8k
     from atmanrl.eval import evaluate
     from atmanrl.model import load
 
@@ -62,7 +61,7 @@ def main(argv=None):
         pool = read_gsm8k(args.data)
         if args.n > len(pool):
             sys.exit(f"--n {args.n} is more than the {len(pool)} problems in {args.data}")
-        problems = [pool[i] for i in random.Random(args.seed).sample(range(len(pool)), args.n)]
+        problems = draw_problems(pool, args.n, args.seed)
         source = str(args.data)
     else:
         problems = make_problems(args.n, seed=args.seed)

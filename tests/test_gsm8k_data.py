@@ -255,3 +255,15 @@ def test_synthetic_gold_answers_follow_from_their_worked_solutions():
 def test_synthetic_problems_repeat_with_their_seed():
     assert make_problems(20, seed=3) == make_problems(20, seed=3)
     assert make_problems(20, seed=3) != make_problems(20, seed=4)
+
+
+def test_draw_problems_is_a_seeded_sample_without_replacement():
+    from atmanrl.data import draw_problems
+
+    pool = make_problems(40, seed=3)
+    a, b = draw_problems(pool, 25, seed=7), draw_problems(pool, 25, seed=7)
+    assert a == b  # one seed, one set: the eval script and the trainer's held-out eval agree
+    assert len({p.question for p in a}) == 25 and all(p in pool for p in a)
+    assert draw_problems(pool, 25, seed=8) != a
+    with pytest.raises(ValueError, match="cannot draw 41 problems from 40"):
+        draw_problems(pool, 41, seed=0)

@@ -6,6 +6,7 @@ from .gsm8k import (
     Problem,
     TokenSpans,
     build_prompt,
+    draw_problems,
     extract_number,
     is_correct,
     read_gsm8k,
@@ -15,5 +16,5 @@ from .gsm8k import (
 )
 from .synthetic import make_problems
 
-__all__ = ["DELIMITER", "INSTRUCTION", "Problem", "TokenSpans", "build_prompt", "extract_number", "is_correct",
+__all__ = ["DELIMITER", "INSTRUCTION", "Problem", "TokenSpans", "build_prompt", "draw_problems", "extract_number", "is_correct",
            "make_problems", "read_gsm8k", "saliency_sequence", "split_completion", "split_tokens"]

@@ -17,6 +17,7 @@ What is notable here:
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -80,6 +81,14 @@ def read_gsm8k(path: str | Path) -> list[Problem]:
                 raise ValueError(f"{where}: {e}") from None
             problems.append(Problem(row["question"], row["answer"], gold))
     return problems
+
+
+def draw_problems(problems: list[Problem], n: int, seed: int) -> list[Problem]:
+    """``n`` problems drawn without replacement with a fixed seed (the paper: 500 GSM8K test problems). The
+    evaluation script and the trainer's held-out evaluation both draw with this, so one seed means one set."""
+    if n > len(problems):
+        raise ValueError(f"cannot draw {n} problems from {len(problems)}; ask for at most {len(problems)}")
+    return [problems[i] for i in random.Random(seed).sample(range(len(problems)), n)]
 
 
 def build_prompt(tokenizer, question: str) -> list[int]:

@@ -135,8 +135,9 @@ def train(
     if eval_problems is None and cfg.eval.every > 0:
         eval_problems = load_problems(cfg.eval.path, cfg.eval.problems, cfg.eval.seed)
         if len(eval_problems) > cfg.eval.problems:  # the paper: 500 test problems drawn with a fixed seed
-            pick = torch.randperm(len(eval_problems), generator=torch.Generator().manual_seed(cfg.eval.seed))
-            eval_problems = [eval_problems[i] for i in pick[: cfg.eval.problems].tolist()]
+            from atmanrl.data.gsm8k import draw_problems
+
+            eval_problems = draw_problems(eval_problems, cfg.eval.problems, cfg.eval.seed)
     policy = policy.to(d.device)
     reference = None
     if cfg.grpo.kl_beta > 0:  # a frozen copy of the initial policy (the paper uses no KL term)
