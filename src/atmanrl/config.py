@@ -5,32 +5,59 @@ What is notable here:
   Python type decides how a YAML/command-line value is checked and converted.
 - Every mistake is an error sentence that names the offending key: an unknown key lists the valid keys at that
   level, a wrongly typed value says which type was expected, a ``Literal`` lists the allowed choices.
-- PyYAML reads ``8e-7`` (no dot) as a *string*; float fields therefore accept strings that parse as floats.
+- PyYAML reads ``8e-7`` (no dot) as a *string*; float fields therefore accept strings that parse as floats, but
+  never NaN or infinity.
+- Ranges are checked when a section is built (``__post_init__``), so a bad value fails at config load, before any
+  model is loaded; ``RunConfig``'s docstring lists where 0 is allowed. The saliency section extends
+  ``atmanrl.saliency.SaliencyConfig``, the one owner of the mask settings and their checks.
 - Numbers default to the paper's section 3.4 setting; ``experiments/configs/cpu_default.yaml`` shrinks them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
+
+from atmanrl.saliency.optimize import SaliencyConfig
 
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names the key and what to do."""
 
 
+# torch dtype of each ``model.dtype`` choice.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _need(ok: bool, message: str) -> None:
+    """Raise the range error ``message`` (it starts with the field name; ``from_dict`` prefixes the section)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(obj, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        _need(value is not None and value > 0, f"{name}={value!r} must be > 0"
+              + (" (or null)" if allow_none else ""))
+
+
 @dataclass
 class ModelConfig:
     # A Hugging Face Llama directory, a .gguf file, or a name `atmanrl.model.load` knows ("smollm2-135m-instruct").
     name_or_path: str = "smollm2-135m-instruct"
-    # dtype of the master weights (and of the optimizer state). The paper trains in bf16: on GPU keep float32
-    # master weights and let `mixed_precision` run forward/backward in bf16 (FSDP2 MixedPrecisionPolicy).
+    # dtype of the master weights (and of the optimizer state), a key of DTYPES. The paper trains in bf16: on GPU
+    # keep float32 master weights and let `mixed_precision` run forward/backward in bf16 (FSDP2 MixedPrecisionPolicy).
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     mixed_precision: bool = True  # bf16 compute under FSDP2; only on GPU (ignored on CPU)
 
@@ -38,85 +65,131 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # GSM8K jsonl (train split); None: the embedded synthetic problems
-    synthetic_problems: int = 64  # how many synthetic problems when `path` is None
-    max_problems: int | None = None  # keep the first N problems of the file (None: all)
+    synthetic_problems: int = 64  # how many synthetic problems when `path` is None; > 0
+    max_problems: int | None = None  # keep the first N problems of the file (None: all); > 0
     seed: int = 0  # seeds the synthetic problems and the per-epoch shuffle
+
+    def __post_init__(self):
+        _positive(self, "synthetic_problems")
+        _positive(self, "max_problems", allow_none=True)
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8  # G: rollouts per problem (the GRPO group)
-    max_new_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
+    group_size: int = 8  # G: rollouts per problem (the GRPO group); >= 2
+    max_new_tokens: int = 1024  # > 0
+    temperature: float = 1.0  # > 0 (the sampling policy's logits are divided by it)
+    top_p: float = 1.0  # in (0, 1]; 1: no nucleus truncation
+
+    def __post_init__(self):
+        _need(self.group_size >= 2, f"group_size={self.group_size} must be >= 2: GRPO's baseline is the mean "
+                                    "reward of the other rollouts of the same problem")
+        _positive(self, "max_new_tokens", "temperature")
+        _need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (1: sample from the whole distribution)")
 
 
 @dataclass
-class SaliencyRewardConfig:
-    """The AtMan saliency reward (paper section 3.2, Eq. 2 and 3). ``weight: 0`` is the paper's baseline arm."""
+class SaliencyRewardConfig(SaliencyConfig):
+    """The AtMan saliency reward (paper section 3.2, Eq. 2 and 3). ``weight: 0`` is the paper's baseline arm.
 
-    weight: float = 1.0  # R_total = R_outcome + weight * R_saliency; 0 skips the mask optimisation entirely
-    steps: int = 200
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.6, 0.9999)
-    weight_decay: float = 0.05
-    init: float = -0.4  # c, the initial mask value
-    scale: float = 10.0  # bias = scale * min(p, 0)
-    reward: Literal["reenable", "eq3"] = "reenable"  # DESIGN.md decision 4
-    max_batch: int | None = None  # rollouts per mask-optimisation batch (memory); None: a whole group at once
+    Every mask field (``init``, ``scale``, ``steps``, ``lr``, ``betas``, ``weight_decay``, ``reward``,
+    ``max_batch``, ...) and its range check belong to ``atmanrl.saliency.SaliencyConfig``, which this extends with
+    the weight; the trainer hands this section to ``saliency()`` as it is.
+    """
+
+    weight: float = 1.0  # R_total = R_outcome + weight * R_saliency; >= 0; 0 skips the mask optimisation entirely
+
+    def __post_init__(self):
+        super().__post_init__()
+        _need(math.isfinite(self.weight) and self.weight >= 0,
+              f"weight={self.weight} must be a finite number >= 0 (0: the outcome-only baseline); for the other "
+              "reward orientation set saliency.reward: eq3 instead of a negative weight")
 
 
 @dataclass
 class GRPOConfig:
-    eps: float = 0.2  # PPO clip range (Eq. 5)
+    eps: float = 0.2  # PPO clip range (Eq. 5); > 0
     # "token": per-token ratios, clipped, averaged per sequence then over sequences (GRPO, Shao et al.);
     # "sequence": one ratio per rollout, pi(a|q)/pi_old(a|q), the paper's literal Eq. 5.
     ratio: Literal["token", "sequence"] = "token"
     std_normalize: bool = False  # divide advantages by the group std (the paper does not)
-    kl_beta: float = 0.0  # > 0 adds beta * KL(pi || pi_ref) to a frozen copy of the initial policy (paper: none)
+    kl_beta: float = 0.0  # >= 0; > 0 adds beta * KL(pi || pi_ref) to a frozen copy of the initial policy (paper: 0)
+
+    def __post_init__(self):
+        _need(self.eps > 0, f"eps={self.eps} must be > 0: the clip range [1 - eps, 1 + eps] (the paper: 0.2)")
+        _need(self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0 (0 switches the KL term off)")
 
 
 @dataclass
 class TrainConfig:
-    problems_per_update: int = 8  # queries per update (paper: 8), split across ranks
-    ppo_epochs: int = 2  # passes over each update's rollouts (paper: "two gradient passes per batch")
-    # optimizer steps per pass: the update's rollouts are dealt into this many minibatches (strided, so each
+    problems_per_update: int = 8  # queries per update (paper: 8), split across ranks; > 0
+    ppo_epochs: int = 2  # passes over each update's rollouts (paper: "two gradient passes per batch"); > 0
+    # optimizer steps per pass (> 0): the update's rollouts are dealt into this many minibatches (strided, so each
     # minibatch holds rollouts of every problem). Paper: "a mini-batch of 2" -- we read it as 2 minibatches; the
     # other reading (2 rollouts per step) is num_minibatches = problems_per_update * group_size / 2.
     num_minibatches: int = 2
-    micro_batch_size: int = 2  # sequences per forward/backward on one rank (memory only; gradients accumulate)
+    micro_batch_size: int = 2  # sequences per forward/backward on one rank (memory only; gradients accumulate); > 0
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 8e-7
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    grad_clip: float | None = None  # max global grad norm; None: no clipping (the paper does not say)
-    epochs: int = 5  # passes over the training problems
-    max_updates: int | None = None  # stop early after this many updates (None: all epochs)
+    lr: float = 8e-7  # > 0
+    betas: tuple[float, float] = (0.9, 0.999)  # each in [0, 1)
+    weight_decay: float = 0.0  # >= 0
+    grad_clip: float | None = None  # max global grad norm, > 0; None: no clipping (the paper does not say)
+    epochs: int = 5  # passes over the training problems; > 0
+    max_updates: int | None = None  # stop early after this many updates (None: all epochs); > 0
     seed: int = 0  # seeds rollout sampling (per update and problem, see rl/rollout.py)
+
+    def __post_init__(self):
+        _positive(self, "problems_per_update", "ppo_epochs", "num_minibatches", "micro_batch_size", "lr", "epochs")
+        _positive(self, "max_updates", allow_none=True)
+        _need(self.grad_clip is None or self.grad_clip > 0,
+              f"grad_clip={self.grad_clip} must be > 0, or null for no clipping (a negative norm flips the sign of "
+              "every gradient)")
+        _need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+              f"betas={list(self.betas)} must be two numbers in [0, 1) (AdamW's default: [0.9, 0.999])")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50  # save every N updates (and after the last one); 0: only at the end
-    keep: int = 2  # how many step_N directories to keep
-    resume: bool = True  # continue from the newest complete checkpoint in out_dir if there is one
-    stop_after: int | None = None  # stop (as if killed) after this update; for testing resume
+    every: int = 50  # save every N updates (and after the last one); 0: only at the end; >= 0
+    keep: int = 2  # how many step_N directories to keep; >= 1
+    # Continue from the newest intact checkpoint in out_dir if there is one. An out_dir that already holds a run
+    # (a checkpoint, metrics or an exported policy) is never started over silently: without a checkpoint to
+    # resume from, or with resume: false, the run refuses to start unless `overwrite` is true (rl/rundir.py).
+    resume: bool = True
+    overwrite: bool = False  # start from update 0 and DELETE the earlier run in out_dir (resume is then ignored)
+    stop_after: int | None = None  # stop (as if killed) after this update; for testing resume; > 0
     export: bool = True  # write the final policy as a Hugging Face safetensors directory (out_dir/policy)
+
+    def __post_init__(self):
+        _need(self.every >= 0, f"every={self.every} must be >= 0 (0: one checkpoint, after the last update)")
+        _need(self.keep >= 1, f"keep={self.keep} must be >= 1: a resume needs the newest checkpoint")
+        _positive(self, "stop_after", allow_none=True)
 
 
 @dataclass
 class EvalConfig:
     """Periodic evaluation for the paper's Figure 2 (accuracy and response length during training)."""
 
-    every: int = 0  # evaluate every N updates (and before the first); 0: never
+    every: int = 0  # evaluate every N updates (and before the first); 0: never; >= 0
     path: str | None = None  # GSM8K jsonl (test split); None: held-out synthetic problems
-    problems: int = 64
-    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    problems: int = 64  # > 0
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens; > 0
     seed: int = 1234
+
+    def __post_init__(self):
+        _need(self.every >= 0, f"every={self.every} must be >= 0 (0: no evaluation during training)")
+        _positive(self, "problems")
+        _positive(self, "max_new_tokens", allow_none=True)
 
 
 @dataclass
 class RunConfig:
+    """The whole run. Ranges are checked when a section is built (every check names its key); zero is allowed only
+    where it means something: ``checkpoint.every: 0`` (save only at the end), ``eval.every: 0`` (no evaluation),
+    ``saliency.weight: 0`` (the baseline arm), ``grpo.kl_beta: 0`` (no KL term), ``saliency.lr: 0`` (a mask that
+    never moves). No float may be NaN or infinite."""
+
     out_dir: str = "runs/atmanrl"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,14 +217,14 @@ def _convert(value: Any, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # "X | None": X's own error says more than the union's
+            return _convert(value, options[0], key)
+        for arg in options:
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -178,14 +251,19 @@ def _convert(value: Any, tp, key: str):
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 8e-7 as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 8e-7 as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -200,7 +278,13 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key in data:
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here are: {', '.join(names)}")
-    return cls(**{k: _convert(v, hints[k], prefix + k) for k, v in data.items()})
+    values = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a range check of the section; its message starts with the field name
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def to_dict(config) -> dict:
@@ -246,7 +330,37 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value (for example train.lr=1e-6)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_first_line(e)}); quote it or fix "
+                          "the brackets") from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping in a YAML file; undecodable bytes and YAML syntax errors name the file and the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: byte 0x{raw[e.start]:02x} is not UTF-8 text; save the config "
+                          "file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or _first_line(e)
+        raise ConfigError(f"{where}: invalid YAML ({problem}); fix the syntax there (indentation, a missing ':' "
+                          "or an unclosed bracket or quote)") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=RunConfig):
@@ -256,9 +370,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=R
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        data = _read_yaml(path)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value, cls)

@@ -37,13 +37,11 @@ from typing import Callable
 import torch
 
 from atmanrl import dist
-from atmanrl.config import RunConfig, to_dict
+from atmanrl.config import DTYPES, RunConfig, to_dict
 from atmanrl.model.generate import generate, sequence_logprobs
 from atmanrl.rl import checkpointing
 from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
 from atmanrl.rl.rollout import GSM8KTask, Rollout, Task, rollout_group, sampling_generator
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,11 +287,9 @@ def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> 
 
     One ``saliency`` call per group: its rollouts share the prompt, which the saliency module computes once.
     """
-    from atmanrl.saliency import SaliencyConfig, saliency
+    from atmanrl.saliency import saliency
 
-    s = cfg.saliency
-    config = SaliencyConfig(init=s.init, scale=s.scale, steps=s.steps, lr=s.lr, betas=s.betas,
-                            weight_decay=s.weight_decay, reward=s.reward, max_batch=s.max_batch)
+    config = cfg.saliency  # a SaliencyConfig (extended by the reward weight, which saliency() does not read)
     for g in range(0, len(rollouts), G):
         group = rollouts[g:g + G]
         todo = [r for r in group if r.score.saliency_input is not None]

@@ -41,6 +41,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -65,20 +66,33 @@ class EarlyStop:
     rho: float = 0.99
     min_steps: int = 20
 
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"early_stop.every={self.every} must be >= 1 (steps between two ranking comparisons)")
+        if self.min_steps < 0:
+            raise ValueError(f"early_stop.min_steps={self.min_steps} must be >= 0")
+        if not math.isfinite(self.rho):
+            raise ValueError(f"early_stop.rho={self.rho} must be a finite number (a Spearman correlation)")
+
 
 @dataclass
 class SaliencyConfig:
-    """Every number of the mask optimisation (paper section 3.4 defaults)."""
+    """Every number of the mask optimisation (paper section 3.4 defaults); the one owner of these fields.
 
-    init: float = -0.4  # c: initial value of every mask parameter (bias scale * c = -4)
-    scale: float = 10.0  # the bias is scale * min(p, 0)
-    steps: int = 200
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.6, 0.9999)
-    weight_decay: float = 0.05
-    eps: float = 1e-8  # AdamW epsilon (PyTorch default)
-    reward: str = "reenable"  # "reenable" (default) or "eq3" (literal Eq. 3), see atmanrl.saliency.readout
-    saturation_loss: float = 0.01  # initial answer CE below this is reported as saturated
+    The run configuration's ``saliency`` section (``atmanrl.config.SaliencyRewardConfig``) extends this class with
+    the reward weight, so a YAML key such as ``saliency.steps`` is checked here and the trainer passes its section
+    straight to ``saliency()``. Every field is checked on construction; a ``ValueError`` names the field first.
+    """
+
+    init: float = -0.4  # c: initial value of every mask parameter (bias scale * c = -4); must be < 0
+    scale: float = 10.0  # the bias is scale * min(p, 0); must be > 0
+    steps: int = 200  # >= 1
+    lr: float = 1e-3  # >= 0 (0: the mask never moves, its reenable reward is 0)
+    betas: tuple[float, float] = (0.6, 0.9999)  # each in [0, 1)
+    weight_decay: float = 0.05  # >= 0
+    eps: float = 1e-8  # AdamW epsilon (PyTorch default); > 0
+    reward: Literal["reenable", "eq3"] = "reenable"  # "reenable" (default) or "eq3" (literal Eq. 3), see readout
+    saturation_loss: float = 0.01  # initial answer CE below this is reported as saturated; >= 0
     max_batch: int | None = None  # sequences per optimisation batch; None: all inputs at once
     early_stop: EarlyStop | None = None  # None: the paper's fixed step count
     return_mask: bool = False  # keep each optimised Ĥ (rows x CoT) in the result
@@ -99,14 +113,28 @@ class SaliencyConfig:
         if isinstance(self.early_stop, dict):
             self.early_stop = EarlyStop(**self.early_stop)
         self.betas = tuple(self.betas)
+        for name in ("init", "scale", "lr", "weight_decay", "eps", "saturation_loss", "betas"):
+            value = getattr(self, name)
+            if not all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ValueError(f"{name}={value} is not a finite number")
         if self.reward not in REWARDS:
-            raise ValueError(f"saliency reward must be one of {REWARDS}, got {self.reward!r}")
+            raise ValueError(f"reward={self.reward!r} is not one of {list(REWARDS)} (see atmanrl.saliency.readout)")
         if self.init >= 0:
-            raise ValueError(f"saliency init c must be negative (the paper uses -0.4), got {self.init}")
+            raise ValueError(f"init={self.init}: the initial mask value c must be negative (the paper uses -0.4); "
+                             "at c >= 0 the bias scale * min(c, 0) is 0 and nothing is masked")
+        if self.scale <= 0:
+            raise ValueError(f"scale={self.scale} must be > 0 (the paper uses 10): the bias is scale * min(p, 0)")
         if self.steps < 1:
-            raise ValueError(f"saliency steps must be >= 1, got {self.steps}")
+            raise ValueError(f"steps={self.steps} must be >= 1 (the paper uses 200)")
+        for name in ("lr", "weight_decay", "saturation_loss"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.eps <= 0:
+            raise ValueError(f"eps={self.eps} must be > 0 (AdamW divides by sqrt(v) + eps)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1) (the paper: [0.6, 0.9999])")
         if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"saliency max_batch must be >= 1 or None, got {self.max_batch}")
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1, or null for all inputs in one batch")
 
 
 @dataclass
