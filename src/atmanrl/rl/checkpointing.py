@@ -12,6 +12,13 @@ What is notable here:
   (rl/rollout.py) and the data order per (seed, epoch), so the update counter restores both exactly.
 - ``export_hf`` writes the policy as a Hugging Face safetensors directory via ``atmanrl.model.save_hf`` (readable
   by ``atmanrl.model.load`` and by ``transformers``).
+- Never a non-finite number: ``check_finite`` stops training before an optimizer step whose loss or gradient norm
+  is NaN/inf, and ``save``/``export_hf`` refuse weights that are not finite, so no checkpoint or export holds them.
+- A damaged newest checkpoint (truncated shard, missing ``.metadata``, bad ``trainer_state.json``) does not end a
+  resume: ``load_latest`` warns, naming the directory and what is wrong, and falls back to the next older one.
+- Trusted input: the RNG files are read with ``torch.load(weights_only=True)`` (tensors only, no code), but DCP's
+  own ``.metadata`` is a pickle, so a checkpoint directory must come from a source you trust, like any PyTorch
+  checkpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +31,11 @@ import shutil
 import warnings
 from pathlib import Path
 
+import math
+
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from atmanrl import dist
@@ -54,9 +64,57 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss, gradient or weight; raised before it can reach the weights, a checkpoint or an export."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def nonfinite_parameters(model, collective: bool = True) -> list[str]:
+    """Names of the parameters holding a NaN/inf in this rank's shards; ``collective``: every rank must call it and
+    every rank gets the verdict (a rank whose own shards are fine reports "(on another rank)")."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(_local(p)).all()]
+    if not collective:
+        return bad
+    anywhere = dist.all_reduce(torch.tensor([float(len(bad))]), "max").item()
+    return bad or (["(on another rank)"] if anywhere else [])
+
+
+@torch.no_grad()
+def check_finite(loss: float, model, where: str) -> float:
+    """Raise NonFiniteError when ``loss`` (the global loss of an optimizer step) or the global gradient norm of
+    ``model`` is not finite; call it before ``optimizer.step()`` on every rank. Returns the gradient norm."""
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            squares += _local(p.grad).detach().double().pow(2).sum().cpu()
+    norm = math.sqrt(dist.all_reduce(squares.reshape(1)).item())
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFiniteError(
+            f"{where}: the loss is {loss} and the gradient norm {norm}. Training stopped before the optimizer step, "
+            "so no weight was changed and nothing non-finite was saved (the newest checkpoint is intact). Lower "
+            "train.lr, set train.grad_clip, or use a wider model.dtype if the model overflows."
+        )
+    return norm
+
+
+def _refuse_nonfinite(model, what: str, collective: bool = True) -> None:
+    bad = nonfinite_parameters(model, collective)
+    if bad:
+        raise NonFiniteError(f"refusing to write {what}: the weights {bad[:5]}{' ...' if len(bad) > 5 else ''} hold "
+                             "NaN/inf values. Lower train.lr or set train.grad_clip and resume from the last "
+                             "checkpoint.")
+
+
 def save(ckpt_root: str | Path, update: int, model, optimizer, trainer_state: dict, keep: int = 2) -> Path:
     """Write ``ckpt_root/step_{update}`` atomically (all ranks call this). Returns the final directory."""
     d = dist.info()
+    _refuse_nonfinite(model, f"checkpoint step_{update}")
     root = Path(ckpt_root)
     final, tmp = root / f"step_{update}", root / f"step_{update}.tmp"
     if d.is_main:
@@ -101,23 +159,79 @@ def latest(ckpt_root: str | Path) -> Path | None:
     return Path(ckpt_root) / f"step_{max(steps)}" if steps else None
 
 
-def load(path: str | Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG state from ``path``; returns the trainer state dict."""
-    d = dist.info()
-    path = Path(path)
+class CorruptCheckpointError(RuntimeError):
+    """A ``step_N`` directory that cannot be loaded; the message names the directory and what is wrong."""
+
+
+def _trainer_state(path: Path) -> dict:
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json); delete it or pick "
                                 f"another step_N directory")
+    try:
+        state = json.loads(state_file.read_text())
+        update = state["update"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{state_file} is damaged ({type(e).__name__}: {e}); it must be a JSON object "
+                                     "with the 'update' counter") from None
+    m = STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != update:
+        raise CorruptCheckpointError(f"{state_file} says update {update}, but the directory is {path.name}")
+    if not (path / ".metadata").is_file():
+        raise CorruptCheckpointError(f"{path} has no .metadata (DCP's index of the shards); the checkpoint is "
+                                     "incomplete")
+    return state
+
+
+def load(path: str | Path, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG state from ``path``; returns the trainer state dict.
+
+    A damaged checkpoint raises ``CorruptCheckpointError`` naming the directory and the file at fault. The RNG file
+    is read with ``weights_only=True``: a planted pickle is refused, never run."""
+    d = dist.info()
+    path = Path(path)
+    trainer_state = _trainer_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not d.initialized)
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not d.initialized)
+    except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps a shard's error
+        detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CorruptCheckpointError(f"{path}: the model/optimizer shards cannot be read ({type(e).__name__}: "
+                                     f"{detail[:300]})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: those ranks keep their seed
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads(state_file.read_text())
+        try:
+            rng = torch.load(rng_file, weights_only=True)  # tensors only: a crafted pickle cannot run code
+            _set_rng_state(rng)
+        except Exception as e:
+            raise CorruptCheckpointError(f"{rng_file} is not an RNG state file written by atmanrl "
+                                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); it was "
+                                         "refused without running anything in it") from e
+    return trainer_state
+
+
+def load_latest(ckpt_root: str | Path, model, optimizer) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint under ``ckpt_root`` that loads; ``(path, trainer_state)``, or None when there
+    is none. A damaged one is skipped with a warning naming it (the next save of that step replaces it); when
+    every one is damaged, ``CorruptCheckpointError`` lists them all."""
+    root = Path(ckpt_root)
+    failures = []
+    for step in sorted(_complete(root), reverse=True):
+        path = root / f"step_{step}"
+        try:
+            return path, load(path, model, optimizer)
+        except (CorruptCheckpointError, FileNotFoundError) as e:
+            failures.append(str(e))
+            warnings.warn(f"skipping the damaged checkpoint {path}: {e}", RuntimeWarning, stacklevel=2)
+    if failures:
+        raise CorruptCheckpointError(
+            f"no checkpoint in {root} can be loaded:\n  " + "\n  ".join(failures) + "\nRestore one of them, or "
+            "start over with checkpoint.overwrite=true (this deletes the run in out_dir)."
+        )
+    return None
 
 
 def export_hf(plain_model, path: str | Path, tokenizer=None) -> Path:
@@ -125,6 +239,7 @@ def export_hf(plain_model, path: str | Path, tokenizer=None) -> Path:
     (then ``atmanrl.model.load(path)`` and the evaluation script read it directly); call on rank 0 only."""
     from atmanrl.model import save_hf
 
+    _refuse_nonfinite(plain_model, f"the exported policy {path}", collective=False)  # rank 0 only
     path = save_hf(plain_model, path)
     if tokenizer is not None:
         tokenizer.save(path)

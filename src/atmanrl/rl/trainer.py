@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,9 @@ from typing import Callable
 import torch
 
 from atmanrl import dist
-from atmanrl.config import DTYPES, RunConfig, to_dict
+from atmanrl.config import DTYPES, RunConfig
 from atmanrl.model.generate import generate, sequence_logprobs
-from atmanrl.rl import checkpointing
+from atmanrl.rl import checkpointing, rundir
 from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
 from atmanrl.rl.rollout import GSM8KTask, Rollout, Task, rollout_group, sampling_generator
 
@@ -114,10 +113,7 @@ def train(
     """
     d = dist.init()
     validate(cfg, d.world_size)
-    out = Path(cfg.out_dir)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
     torch.manual_seed(cfg.train.seed)
 
     # ---- model, task, data --------------------------------------------------------------------------------
@@ -160,8 +156,8 @@ def train(
         total = min(total, cfg.train.max_updates)
     ckpt_root = out / "checkpoints"
     start = 0
-    if cfg.checkpoint.resume and (path := checkpointing.latest(ckpt_root)) is not None:
-        state = checkpointing.load(path, policy, optimizer)
+    if cfg.checkpoint.resume and (loaded := checkpointing.load_latest(ckpt_root, policy, optimizer)) is not None:
+        path, state = loaded  # the newest checkpoint that loads (damaged ones are skipped with a warning)
         start = state["update"]
         dist.log(f"resumed from {path} (update {start})")
     dist.log(f"training {total} updates ({per_epoch} per epoch) on {len(problems)} problems, "
@@ -169,7 +165,7 @@ def train(
 
     records, t_begin, metrics_file = [], time.perf_counter(), out / "metrics.jsonl"
     if d.is_main:
-        start_fresh_logs(out, start, ckpt_root)
+        rundir.trim_logs(out, start)
     if cfg.eval.every > 0 and start == 0:
         gather_weights(policy, inference, sharded)
         write_eval(out, 0, evaluate(inference, task, eval_problems, cfg))
@@ -238,6 +234,7 @@ def train(
                                keep=cfg.checkpoint.keep)
         if cfg.checkpoint.stop_after is not None and done >= cfg.checkpoint.stop_after:
             dist.log(f"stopping after update {done} (checkpoint.stop_after)")
+            rundir.release(out)
             return TrainResult(done, records, out, policy)
 
     if cfg.checkpoint.export and total > 0:
@@ -246,27 +243,13 @@ def train(
             path = checkpointing.export_hf(inference, out / "policy", getattr(task, "tokenizer", None))
             dist.log(f"exported the policy to {path} (Hugging Face safetensors)")
         dist.barrier()
+    rundir.release(out)
     return TrainResult(total, records, out, policy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The steps of the loop
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def start_fresh_logs(out: Path, start: int, ckpt_root: Path) -> None:
-    """Keep metrics/eval lines only up to the update we (re)start from, so a resumed run has no duplicate
-    updates; a fresh run (start 0) also drops an earlier run's checkpoints, which a later resume would pick up."""
-    for name in ("metrics.jsonl", "eval.jsonl"):
-        f = out / name
-        if f.is_file():
-            keep = [line for line in f.read_text().splitlines() if line and json.loads(line)["update"] <= start]
-            if name == "eval.jsonl" and start == 0:
-                keep = []
-            f.write_text("".join(line + "\n" for line in keep))
-    if start == 0 and ckpt_root.is_dir():
-        dist.log(f"fresh run: removing the earlier checkpoints in {ckpt_root}")
-        shutil.rmtree(ckpt_root)
 
 
 def make_optimizer(cfg: RunConfig, policy) -> torch.optim.Optimizer:
@@ -377,9 +360,10 @@ def policy_update(policy, optimizer, rollouts: list[Rollout], ref_logp, cfg: Run
             if t.grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
                 grad_norms.append(float(dist.full_tensor(norm)))
+            losses.append(float(dist.all_reduce(step_loss)))
+            checkpointing.check_finite(losses[-1], policy, f"optimizer step {len(losses)} of this update")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(dist.all_reduce(step_loss)))
     return losses, stats, grad_norms
 
 

@@ -1,0 +1,279 @@
+"""The run directory (``out_dir``): who may write into it, what a new run does with an earlier one, and its logs.
+
+What is notable here:
+- **No run is lost silently.** ``prepare`` looks at ``out_dir`` before anything is written. An earlier run's
+  history (a checkpoint, metrics or evaluation lines, an exported policy) is only ever continued (a resume, with
+  ``checkpoint.resume: true`` and an intact checkpoint to resume from) or deleted on request
+  (``checkpoint.overwrite: true``); anything else is refused with a message that names the three ways out
+  (resume, overwrite, another ``out_dir``). A directory that holds files but no ``config.json`` is not a run
+  directory: it is refused, and never deleted, even with ``overwrite``.
+- **One run per directory.** ``prepare`` takes a lock file, ``out_dir/run.lock``, holding the host name and process
+  id of its owner. It is created atomically (written beside, then hard-linked into place, which fails if it exists).
+  A lock whose process is gone (same host, pid no longer alive) is stale: it is taken over with a warning, so a
+  killed run never blocks the next one. A lock from another host cannot be checked from here: the message says
+  which host and pid hold it and that deleting the file releases it. A process may take over its own lock (a
+  ``train()`` call that raised earlier in the same process). ``release`` removes it (also at interpreter exit).
+- **A resume continues the same data schedule.** The problem order and the rollout seeds are functions of the
+  settings in ``SCHEDULE_KEYS`` and the update counter; resuming with other values would silently train on
+  another schedule, so ``prepare`` compares them with the run's saved ``config.json`` and refuses, naming the keys.
+  Other differences (learning rate, saliency steps, ...) are allowed and listed in a warning.
+- **Logs survive a crash mid-line.** ``trim_logs`` keeps the metrics/eval records up to the update a run (re)starts
+  from; a partial last line (a kill while writing it) is dropped with a warning instead of blocking the resume.
+
+All ranks call ``prepare`` (the checks read the shared file system); only rank 0 writes or deletes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import socket
+import time
+import warnings
+from pathlib import Path
+
+from atmanrl import dist
+from atmanrl.config import RunConfig, to_dict
+from atmanrl.rl import checkpointing
+
+LOCK = "run.lock"
+CONFIG = "config.json"
+LOGS = ("metrics.jsonl", "eval.jsonl")
+
+# The settings that decide which problems an update trains on and how its rollouts are sampled.
+SCHEDULE_KEYS = ("data.path", "data.synthetic_problems", "data.max_problems", "data.seed",
+                 "train.problems_per_update", "train.seed", "rollout.group_size")
+
+
+# Changed on purpose when a run is continued or extended: never worth a warning.
+EXTENDS = ("out_dir", "train.epochs", "train.max_updates")
+
+
+class RunDirError(RuntimeError):
+    """``out_dir`` cannot be used as asked; the message names the directory and what to do."""
+
+
+class RunDirWarning(UserWarning):
+    """Something in ``out_dir`` was repaired or taken over (stale lock, partial log line, changed settings)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What an earlier run left
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _log_records(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+
+
+def history(out: Path) -> list[str]:
+    """What an earlier run left in ``out`` that a fresh start would destroy (empty: nothing to lose)."""
+    found = []
+    ckpt = out / "checkpoints"
+    steps = sorted(p.name for p in ckpt.iterdir() if p.is_dir()) if ckpt.is_dir() else []
+    if steps:
+        found.append(f"checkpoints/{{{', '.join(steps)}}}")
+    for name in LOGS:
+        if n := _log_records(out / name):
+            found.append(f"{name} ({n} records)")
+    if (out / "policy").exists():
+        found.append("policy/ (an exported model)")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The lock
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def acquire(out: Path) -> Path:
+    """Take ``out/run.lock`` for this process; raise RunDirError when a live run holds it (see module docstring)."""
+    lock = out / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = out / f".{LOCK}.{me['host']}.{me['pid']}"
+    tmp.write_text(json.dumps(me) + "\n")
+    try:
+        for _ in range(3):  # a stale lock removed by us, then re-created by a racing run, is a live lock
+            try:
+                os.link(tmp, lock)  # atomic: fails when the lock exists
+                atexit.register(release, out)
+                return lock
+            except FileExistsError:
+                pass
+            try:
+                owner = json.loads(lock.read_text())
+                host, pid = owner["host"], int(owner["pid"])
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (ValueError, KeyError, TypeError):
+                raise RunDirError(f"{lock} exists but is not a lock file written by atmanrl; if no run uses {out}, "
+                                  "delete it and start again") from None
+            if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
+                if pid != me["pid"]:
+                    warnings.warn(f"{lock}: taking over the stale lock of process {pid} on {host}, which is no "
+                                  "longer running (a killed run)", RunDirWarning, stacklevel=3)
+                lock.unlink(missing_ok=True)
+                continue
+            where = f"process {pid} on this host" if host == me["host"] else f"process {pid} on host {host}"
+            raise RunDirError(
+                f"{out} is in use by another run ({where}, since {owner.get('since', '?')}): two runs in one "
+                f"out_dir would write the same checkpoints and metrics. Wait for it, choose another out_dir, or, "
+                f"if that run is no longer running, delete {lock}."
+            )
+        raise RunDirError(f"could not take {lock}: other runs keep re-creating it; choose another out_dir")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def release(out: str | Path) -> None:
+    """Remove ``out/run.lock`` if this process holds it (rank 0 at the end of a run; also at interpreter exit)."""
+    lock = Path(out) / LOCK
+    try:
+        owner = json.loads(lock.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    if owner.get("host") == socket.gethostname() and owner.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preparing the directory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_schedule(saved: dict, cfg: RunConfig, source: Path) -> None:
+    """Refuse a resume whose data schedule differs from the saved run's; warn about the other changed settings."""
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    changed = {k: (old[k], new[k]) for k in old.keys() & new.keys()
+               if old[k] != new[k] and k not in EXTENDS and not k.startswith("checkpoint.")}
+    schedule = [k for k in SCHEDULE_KEYS if k in changed]
+    if schedule:
+        listed = ", ".join(f"{k} (saved {changed[k][0]!r}, now {changed[k][1]!r})" for k in schedule)
+        raise RunDirError(
+            f"cannot resume the run in {source.parent}: {listed} differ from its {source.name}, so the resumed "
+            "updates would draw other problems or other samples than the run so far. Set them back to the saved "
+            "values, or start a new run (another out_dir, or checkpoint.overwrite=true to replace this one)."
+        )
+    if changed:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        warnings.warn(f"resuming {source.parent} with settings that differ from its {source.name}: {listed}",
+                      RunDirWarning, stacklevel=3)
+
+
+def prepare(cfg: RunConfig) -> Path:
+    """Make ``cfg.out_dir`` ready for this run (all ranks call it): lock it, keep, resume or delete the earlier run
+    as the config says (module docstring), and write ``config.json``. Returns the directory."""
+    out = Path(cfg.out_dir)
+    d = dist.info()
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"out_dir={out} is a file, not a directory; choose a directory for the run")
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        acquire(out)
+    try:
+        _check_and_clear(out, cfg, d.is_main)
+    except BaseException:
+        if d.is_main:
+            release(out)
+        raise
+    if d.is_main:
+        (out / CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    dist.barrier()
+    return out
+
+
+def _check_and_clear(out: Path, cfg: RunConfig, main: bool) -> None:
+    ours = (out / CONFIG).is_file()
+    foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(f".{LOCK}.")) \
+        if out.is_dir() and not ours else []
+    if foreign:
+        raise RunDirError(
+            f"out_dir={out} already holds files that are not an atmanrl run ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new out_dir."
+        )
+    found = history(out) if ours else []
+    if not found:
+        return
+    if cfg.checkpoint.overwrite:
+        if main:
+            for p in out.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            dist.log(f"checkpoint.overwrite: deleted the earlier run in {out} ({'; '.join(found)})")
+        return
+    if cfg.checkpoint.resume and checkpointing.latest(out / "checkpoints") is not None:
+        try:
+            saved = json.loads((out / CONFIG).read_text())
+        except ValueError as e:
+            raise RunDirError(f"{out / CONFIG} is not valid JSON ({e}); the run's saved settings cannot be compared "
+                              "with this resume. Restore the file or start a new run.") from None
+        check_schedule(saved, cfg, out / CONFIG)
+        return
+    why = ("checkpoint.resume is false" if not cfg.checkpoint.resume
+           else "it has no complete checkpoint to resume from")
+    raise RunDirError(
+        f"out_dir={out} holds an earlier run ({'; '.join(found)}) and {why}; starting over would destroy it. "
+        "Resume it (checkpoint.resume=true, when it has a checkpoint), replace it (checkpoint.overwrite=true), "
+        "or choose another out_dir."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON records of a ``.jsonl`` log. A partial last line (a kill mid-write) is dropped with a warning; a
+    broken line elsewhere is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n == len(lines):
+                warnings.warn(f"{path}, line {n}: dropping a partial last record (the run was stopped while "
+                              "writing it)", RunDirWarning, stacklevel=2)
+                continue
+            raise RunDirError(f"{path}, line {n}: not a JSON record; the log is damaged. Delete that line (the "
+                              "update it describes is repeated by the resume) and start again.") from None
+    return records
+
+
+def trim_logs(out: Path, start: int) -> None:
+    """Keep the metrics/eval records of updates ``<= start`` (the update the run (re)starts from), so a resumed
+    run has no duplicate updates; a fresh start (0) keeps no evaluation (update 0 is evaluated again). Rank 0."""
+    for name in LOGS:
+        f = out / name
+        if f.is_file():
+            keep = [r for r in read_records(f) if isinstance(r, dict) and r.get("update", 0) <= start]
+            if name == "eval.jsonl" and start == 0:
+                keep = []
+            f.write_text("".join(json.dumps(r) + "\n" for r in keep))
