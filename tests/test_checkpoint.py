@@ -201,3 +201,63 @@ def test_load_rejects_unknown_input(tmp_path):
         load(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="smollm2-135m-instruct"):
         load("no-such-model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 10: hostile and damaged inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors"])
+def test_index_shard_paths_may_not_leave_the_model_directory(tmp_path, shard):
+    model_dir = tmp_path / "model"
+    save_hf(tiny(tied=True), model_dir, max_shard_size=60_000)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "outside.safetensors"))
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json names the shard .* which is not a file in .*model; shard names "
+                                         r"must be plain file names"):
+        load_hf(model_dir)
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda b: b"", "empty"),
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: b"\x00garbage" * 10, "garbage"),
+])
+def test_damaged_safetensors_name_the_file(tmp_path, damage, what):
+    save_hf(tiny(tied=True), tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(damage(f.read_bytes()))
+    with pytest.raises(ValueError, match=r"model\.safetensors \(\d+ bytes\) is not a readable safetensors file.*"
+                                         r"empty, truncated or damaged\. Re-download"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"config\.json is empty"),
+    ('{"model_type": "llama", "hidden_size": 4', r"config\.json, line 1, column \d+: not valid JSON"),
+    ("[1, 2]", r"config\.json: a config\.json must hold a JSON object, got list"),
+])
+def test_damaged_config_json_names_the_file(tmp_path, text, message):
+    save_hf(tiny(tied=True), tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_hf(tmp_path)
+
+
+def test_non_utf8_config_json_names_the_file(tmp_path):
+    save_hf(tiny(tied=True), tmp_path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "ll\xe4ma"}')
+    with pytest.raises(ValueError, match=r"config\.json: byte \d+ is not UTF-8 text"):
+        load_hf(tmp_path)
+
+
+def test_damaged_index_names_the_file(tmp_path):
+    save_hf(tiny(tied=True), tmp_path, max_shard_size=60_000)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json, line 1, column \d+: not valid JSON.*"
+                                         r"safetensors index"):
+        load_hf(tmp_path)

@@ -210,3 +210,37 @@ def test_missing_gguf_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
     with pytest.raises(ImportError, match=r"pip install gguf"):
         load_gguf(tmp_path / "any.gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 10: damaged files and upper-case extensions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_gguf(path):
+    config = LlamaConfig(vocab_size=len(_SPECIAL) + len(_ALPHABET), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, rope_scaling=None,
+                         bos_token_id=0, eos_token_id=1)
+    return write_gguf(path, Llama(config).init_weights(generator=torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"", r"\(0 bytes\) is not a GGUF file: it is empty"),
+    (lambda b: b"PK\x03\x04 not a gguf" * 4, r"\(\d+ bytes\) is not a GGUF file: it starts with b'PK\\x03\\x04', "
+                                              r"not the GGUF magic"),
+    (lambda b: b[:200], r"\(200 bytes\) is a damaged GGUF file .*truncated\. Re-download"),
+    (lambda b: b[: len(b) - 1000], r"\(\d+ bytes\) is a damaged GGUF file .*truncated\. Re-download"),
+])
+def test_damaged_gguf_names_the_file(tmp_path, damage, message):
+    path = _tiny_gguf(tmp_path / "tiny.gguf")
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=r"tiny\.gguf " + message):
+        load_gguf(path)
+
+
+def test_upper_case_gguf_extension_is_recognised(tmp_path):
+    from atmanrl.model import load
+
+    path = _tiny_gguf(tmp_path / "TINY.GGUF")
+    model, tok = load(path)
+    assert model.config.hidden_size == 32 and tok.eos_id == 1

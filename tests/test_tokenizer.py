@@ -213,3 +213,28 @@ def test_save_round_trip_keeps_ids_template_and_special_tokens(smollm2, tmp_path
                                                                         ours.stop_ids)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == ours.chat_text(chat)
+
+
+def test_fit_vocab_refuses_to_lose_bos_eos_and_stop_tokens():
+    """Issue 10: the Llama-3.2 tokenizer on a 128,000-row model used to keep bos/eos/stop ids >= 128000 (or drop
+    every stop id); now the mismatch is refused before anything is changed."""
+    tok = Tokenizer.from_file(_llama32_tokenizer_path())
+    with pytest.raises(ValueError, match=r"only 128000 embedding rows.*bos <\|begin_of_text\|>=128000, eos "
+                                         r"<\|end_of_text\|>=128001, stop <\|eot_id\|>=128009.*do not belong"):
+        tok.fit_vocab(128000)
+    assert tok.vocab_size == 128257 and tok.stop_ids == [EOT, EOM, EOTEXT]  # untouched by the refusal
+    tok.fit_vocab(128256)  # the text model: only <|image|> goes, every special id the model needs is valid
+    assert all(i < 128256 for i in [tok.bos_id, tok.eos_id, tok.pad_id, *tok.stop_ids]) and EOT in tok.stop_ids
+
+
+def test_fit_vocab_pads_with_eos_when_the_pad_token_is_dropped(caplog):
+    from tokenizers import AddedToken, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    raw = HFTokenizer(models.BPE({"a": 0, "b": 1}, []))
+    raw.add_special_tokens([AddedToken("<eos>", special=True), AddedToken("<pad>", special=True)])
+    tok = Tokenizer(raw, eos="<eos>", pad="<pad>", template=None)
+    assert (tok.eos_id, tok.pad_id) == (2, 3)
+    with caplog.at_level(logging.WARNING):
+        assert tok.fit_vocab(3) == ["<pad>"]
+    assert tok.pad_id == tok.eos_id == 2 and "padding with EOS" in caplog.text

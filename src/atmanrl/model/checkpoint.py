@@ -58,6 +58,24 @@ def _rope_from_hf(cfg: dict, path: Path) -> tuple[float, RopeScaling | None]:
     return float(theta), scaling
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; empty, truncated, non-UTF-8 or non-object files are errors naming the file."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ValueError(f"{path} is empty; a {what} must hold a JSON object. Re-download it from the model's "
+                         "repository.")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: byte {e.start} is not UTF-8 text; the {what} is damaged. Re-download it.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}); the {what} is "
+                         "truncated or damaged. Re-download it.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a {what} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path) -> LlamaConfig:
     """``LlamaConfig`` from a Hugging Face ``config.json`` (or the directory holding it)."""
     path = Path(path)
@@ -68,7 +86,7 @@ def load_config(path: str | Path) -> LlamaConfig:
             f"{path} not found. A Hugging Face model directory needs its config.json next to the safetensors "
             "files; copy it from the model's repository."
         )
-    cfg = json.loads(path.read_text())
+    cfg = _read_json(path, "config.json")
     model_type = cfg.get("model_type")
     if model_type != "llama":
         raise ValueError(f"{path}: model_type is {model_type!r}; atmanrl implements the Llama architecture only.")
@@ -193,10 +211,20 @@ def _shard_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, from the index when there is one."""
     index = path / INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not weight_map:
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not weight_map or not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map'; the index file is broken. Re-download or re-save it.")
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        files = []
+        root = path.resolve()
+        for name in dict.fromkeys(weight_map.values()):
+            f = path / str(name)
+            # A shard must be a file of this directory: an index naming "../x" or "/abs/x" could read any file.
+            if not isinstance(name, str) or Path(name).is_absolute() or f.resolve().parent != root:
+                raise ValueError(
+                    f"{index} names the shard {name!r}, which is not a file in {path}; shard names must be plain "
+                    "file names in the model directory. The index is damaged or was crafted: re-download it."
+                )
+            files.append(f)
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(
@@ -221,15 +249,25 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") 
     config = load_config(path)
     state, origin = {}, {}
     for file in _shard_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                if hf_name.endswith("rotary_emb.inv_freq"):
-                    continue  # old checkpoints stored the RoPE buffer; we recompute it
-                name = hf_name.removeprefix("model.")
-                if name in state:
-                    raise ValueError(f"{file}: tensor {hf_name!r} also appears in {origin[name]}; remove one copy.")
-                state[name] = f.get_tensor(hf_name).to(dtype=dtype, device=device)
-                origin[name] = file.name
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    if hf_name.endswith("rotary_emb.inv_freq"):
+                        continue  # old checkpoints stored the RoPE buffer; we recompute it
+                    name = hf_name.removeprefix("model.")
+                    if name in state:
+                        raise ValueError(f"{file}: tensor {hf_name!r} also appears in {origin[name]}; remove one "
+                                         "copy.")
+                    state[name] = f.get_tensor(hf_name).to(dtype=dtype, device=device)
+                    origin[name] = file.name
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError: empty, truncated or not a safetensors file
+            size = file.stat().st_size
+            raise ValueError(
+                f"{file} ({size} bytes) is not a readable safetensors file ({type(e).__name__}: {e}); it is empty, "
+                "truncated or damaged. Re-download it (compare its size with the model repository's)."
+            ) from None
     try:
         return model_from_state_dict(config, state, source=str(path), device=device)
     except ValueError as e:

@@ -158,13 +158,32 @@ def _llama3_scaling_from_freqs(divisors: np.ndarray, config: LlamaConfig, path: 
     return scaling
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _open_reader(gguf, path: Path):
+    """``gguf.GGUFReader`` of ``path``; an empty, truncated or non-GGUF file is a ValueError naming the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        what = "it is empty" if size == 0 else f"it starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}"
+        raise ValueError(f"{path} ({size} bytes) is not a GGUF file: {what}. Check the path, or re-download the "
+                         "model file.")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # struct/numpy errors from a file cut short
+        raise ValueError(f"{path} ({size} bytes) is a damaged GGUF file ({type(e).__name__}: {e}); it is probably "
+                         "truncated. Re-download it.") from None
+
+
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
     """``(model, tokenizer)`` from a Llama GGUF file, dequantized to float32 then cast to ``dtype``."""
     gguf = _import_gguf()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} not found.")
-    reader = gguf.GGUFReader(str(path))
+    reader = _open_reader(gguf, path)
     fields = read_fields(reader)
     raw = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(int(s) for s in t.shape) for name, t in raw.items()}
@@ -203,7 +222,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"
 
 def gguf_metadata(path: str | Path) -> dict:
     """The metadata of a GGUF file as a dict (handy to inspect a file: architecture, chat template, ...)."""
-    return read_fields(_import_gguf().GGUFReader(str(path)))
+    return read_fields(_open_reader(_import_gguf(), Path(path)))
 
 
 __all__ = ["load_gguf", "gguf_metadata", "permute_qk", "unpermute_qk", "SUPPORTED_ARCHITECTURES"]

@@ -55,7 +55,7 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="c
         print(f"[atmanrl] loading Hugging Face checkpoint {path} as {dtype} ...", file=sys.stderr, flush=True)
         model = load_hf(path, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
-    elif path.is_file() and path.suffix == ".gguf":
+    elif path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf import load_gguf
 
         print(f"[atmanrl] loading {path.name} (dequantizing GGUF to float32, then {dtype}) ...", file=sys.stderr,

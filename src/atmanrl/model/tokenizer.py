@@ -250,7 +250,8 @@ class Tokenizer:
 
         Out-of-range *added* tokens (e.g. ``<|image|>`` of the Llama-3.2 vision tokenizer) are removed, with a
         warning; their text is afterwards tokenized as ordinary text. Returns the removed tokens. An out-of-range id
-        of the base vocabulary means the tokenizer belongs to another model: ``ValueError``.
+        of the base vocabulary, or an out-of-range BOS, EOS or stop token, means the tokenizer belongs to another
+        model: ``ValueError``. An out-of-range padding token falls back to EOS (padded positions are masked).
         """
         added = self.tokenizer.get_added_tokens_decoder()  # id -> AddedToken
         base = self.tokenizer.get_vocab(with_added_tokens=False)
@@ -264,6 +265,18 @@ class Tokenizer:
         dropped = sorted((i, a.content) for i, a in added.items() if i >= num_embeddings)
         if not dropped:
             return []
+        # Tokens the model cannot do without: BOS, EOS and the end-of-turn ids that stop generation. Dropping them
+        # would leave ids outside the embedding (IndexError later) or a generation that never stops.
+        needed = [(role, i) for role, i in (("bos", self.bos_id), ("eos", self.eos_id),
+                                            *(("stop", i) for i in self.stop_ids)) if i is not None]
+        lost = [f"{role} {self.tokenizer.id_to_token(i)}={i}" for role, i in dict.fromkeys(needed)
+                if i >= num_embeddings]
+        if lost:
+            raise ValueError(
+                f"Tokenizer {self.source}: the model has only {num_embeddings} embedding rows, so its special tokens "
+                f"{', '.join(lost)} have no embedding; without them prompts lose their markers and generation never "
+                "stops. Tokenizer and model do not belong together: use the tokenizer.json of the same model."
+            )
         log.warning(
             "Tokenizer %s knows %d ids but the model embeds only %d; removing the added tokens %s (their text is "
             "now tokenized as ordinary text).",
@@ -276,6 +289,10 @@ class Tokenizer:
         self.tokenizer = _HFTokenizer.from_str(json.dumps(spec))
         self._vocab_size = None
         self.stop_ids = [i for i in self.stop_ids if i < num_embeddings]
+        if self.pad_id is not None and self.pad_id >= num_embeddings:  # padded positions are masked: EOS will do
+            log.warning("Tokenizer %s: the padding token id %d is outside the model's %d embedding rows; padding "
+                        "with EOS (%d) instead.", self.source, self.pad_id, num_embeddings, self.eos_id)
+            self.pad_id = self.eos_id
         return [t for _, t in dropped]
 
     # -- text <-> ids -------------------------------------------------------------------------------------------
