@@ -85,6 +85,41 @@ def test_extract_number_refuses(text):
     assert extract_number(text) is None
 
 
+@pytest.mark.parametrize("text, value", [
+    ("1e5", "100000"), ("1.5e3", "1500"), ("-1e-3", "-0.001"), ("7.5E+2 apples", "750"), ("$2e3", "2000"),
+    ("1e5 = 100000", "100000"),
+])
+def test_scientific_notation_is_read_as_its_value(text, value):
+    """Issue 10: "1e5" was read as 1 and "1.5e3" as 1.5."""
+    assert extract_number(text) == Decimal(value)
+
+
+@pytest.mark.parametrize("text", ["0x10", "0X1F", "3x4", "5k", "12abc", "2eggs", "1e999999", "1e5 or 2"])
+def test_numbers_with_glued_letters_are_refused_not_misread(text):
+    """Issue 10: "0x10" was read as 0 (the digits before the letters); now it is unreadable, never another number."""
+    assert extract_number(text) is None
+
+
+def test_gold_in_scientific_notation_reads_right_and_hex_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "big\n#### 1e5"}) + "\n", encoding="utf-8")
+    assert read_gsm8k(path)[0].gold == "100000"
+    path.write_text(json.dumps({"question": "q", "answer": "ok\n#### 2"}) + "\n"
+                    + json.dumps({"question": "q", "answer": "hex\n#### 0x10"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: the text after '####' is not one number: '0x10'"):
+        read_gsm8k(path)
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"question": "q", "answer": "#### 2"}).encode()
+    bad = json.dumps({"question": "Gr\u00fc\u00dfe", "answer": "#### 2"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: byte \d+ of the line \(0xfc\) is not UTF-8 text.*"
+                                         r"convert the file"):
+        read_gsm8k(path)
+
+
 def test_is_correct_is_strict():
     assert is_correct(" 18", "18") and is_correct("$18.00", "18") and is_correct("1,234", "1234")
     assert not is_correct(None, "18") and not is_correct("", "18") and not is_correct("18 19", "18")

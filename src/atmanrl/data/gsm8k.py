@@ -61,11 +61,16 @@ def read_gsm8k(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path} (expected a jsonl file such as test.jsonl)")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: byte {e.start + 1} of the line (0x{raw[e.start]:02x}) is not UTF-8 "
+                                 "text; GSM8K files are UTF-8: convert the file (e.g. iconv -t UTF-8)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -101,9 +106,14 @@ def build_prompt(tokenizer, question: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 # A numeric run: optional sign (not right after a word character, so "5-3" is two numbers), optional "$", then
-# digits with any commas/periods inside. Whether the run is a well-formed number is decided afterwards, so that a
-# malformed "1,23" makes the answer unreadable instead of being read as "1" and "23" or as 1.
-_RUN = re.compile(r"(?<![\w.])(?P<sign>[-+\u2212])?\$?(?P<run>[\d.,]*\d[\d.,]*)")
+# digits with any commas/periods inside, an optional exponent ("1e5", "1.5E-3") and any letters glued to it.
+# Whether the run is a well-formed number is decided afterwards, so that a malformed "1,23" makes the answer
+# unreadable instead of being read as "1" and "23" or as 1; glued letters ("0x10", "3x4", "5k") make it unreadable
+# too, instead of being read as the digits before them.
+_RUN = re.compile(r"(?<![\w.])(?P<sign>[-+\u2212])?\$?(?P<run>[\d.,]*\d[\d.,]*)(?:[eE](?P<exp>[-+]?\d+)\b)?"
+                  r"(?P<glued>[^\W\d]\w*)?")
+_ORDINAL = ("st", "nd", "rd", "th")  # "18th" is 18
+_MAX_EXPONENT = 30  # "1e5" is 100000; "1e999999999" would be a billion digits: refused, like any unreadable number
 _WELL_FORMED = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+")
 
 
@@ -116,15 +126,18 @@ def split_completion(text: str) -> tuple[str, str | None]:
 def extract_number(text: str | None) -> Decimal | None:
     """The one number in ``text`` (``Decimal``), or None if it holds no number, several different ones, or a
     malformed one. Repeats of the same value are fine (``18 = 18.0``); ``$``, thousands separators, a trailing
-    sentence period, units and leading ``#`` characters are ignored."""
+    sentence period, units after a space and leading ``#`` characters are ignored. Scientific notation is read
+    (``1e5`` = 100000, ``1.5e3`` = 1500); a number with letters glued to it (``0x10``, ``3x4``, ``5k``) is
+    malformed, never read as the digits before the letters (ordinals such as ``18th`` excepted)."""
     if text is None:
         return None
     values = set()
     for m in _RUN.finditer(text):
-        run = m["run"].rstrip(".,")  # "18." and "18," end a sentence or a clause
-        if not _WELL_FORMED.fullmatch(run):
+        run = m["run"] if m["exp"] else m["run"].rstrip(".,")  # "18." and "18," end a sentence or a clause
+        glued = m["glued"] and m["glued"].lower() not in _ORDINAL
+        if not _WELL_FORMED.fullmatch(run) or glued or (m["exp"] and abs(int(m["exp"])) > _MAX_EXPONENT):
             return None
-        value = Decimal(run.replace(",", ""))
+        value = Decimal(run.replace(",", "") + (f"e{m['exp']}" if m["exp"] else ""))
         values.add(-value if m["sign"] in ("-", "\u2212") else value)
     return values.pop() if len(values) == 1 else None
 
