@@ -149,6 +149,8 @@ def test_range_checks_also_guard_direct_construction():
         TrainConfig(micro_batch_size=0)
     with pytest.raises(ValueError, match="grad_clip=-1 must be > 0"):
         TrainConfig(grad_clip=-1)
+    with pytest.raises(ValueError, match="lr=inf is not a finite number"):
+        TrainConfig(lr=float("inf"))
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path):

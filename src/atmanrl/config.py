@@ -43,6 +43,15 @@ def _need(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _finite(obj) -> None:
+    """No float field (or float in a tuple field) of the section ``obj`` may be NaN or infinite."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        _need(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+              f"{f.name}={value!r} is not a finite number; give a finite value")
+
+
 def _positive(obj, *names: str, allow_none: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -82,6 +91,7 @@ class RolloutConfig:
     top_p: float = 1.0  # in (0, 1]; 1: no nucleus truncation
 
     def __post_init__(self):
+        _finite(self)
         _need(self.group_size >= 2, f"group_size={self.group_size} must be >= 2: GRPO's baseline is the mean "
                                     "reward of the other rollouts of the same problem")
         _positive(self, "max_new_tokens", "temperature")
@@ -116,6 +126,7 @@ class GRPOConfig:
     kl_beta: float = 0.0  # >= 0; > 0 adds beta * KL(pi || pi_ref) to a frozen copy of the initial policy (paper: 0)
 
     def __post_init__(self):
+        _finite(self)
         _need(self.eps > 0, f"eps={self.eps} must be > 0: the clip range [1 - eps, 1 + eps] (the paper: 0.2)")
         _need(self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0 (0 switches the KL term off)")
 
@@ -139,6 +150,7 @@ class TrainConfig:
     seed: int = 0  # seeds rollout sampling (per update and problem, see rl/rollout.py)
 
     def __post_init__(self):
+        _finite(self)
         _positive(self, "problems_per_update", "ppo_epochs", "num_minibatches", "micro_batch_size", "lr", "epochs")
         _positive(self, "max_updates", allow_none=True)
         _need(self.grad_clip is None or self.grad_clip > 0,

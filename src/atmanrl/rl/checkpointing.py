@@ -89,11 +89,11 @@ def nonfinite_parameters(model, collective: bool = True) -> list[str]:
 def check_finite(loss: float, model, where: str) -> float:
     """Raise NonFiniteError when ``loss`` (the global loss of an optimizer step) or the global gradient norm of
     ``model`` is not finite; call it before ``optimizer.step()`` on every rank. Returns the gradient norm."""
-    squares = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None:
-            squares += _local(p.grad).detach().double().pow(2).sum().cpu()
-    norm = math.sqrt(dist.all_reduce(squares.reshape(1)).item())
+    # One norm per gradient on its device (no float64 copy of a large gradient), then one sync.
+    norms = [torch.linalg.vector_norm(_local(p.grad).detach().float()) for p in model.parameters()
+             if p.grad is not None]
+    squares = torch.stack(norms).double().pow(2).sum().reshape(1).cpu() if norms else torch.zeros(1).double()
+    norm = math.sqrt(dist.all_reduce(squares).item())
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise NonFiniteError(
             f"{where}: the loss is {loss} and the gradient norm {norm}. Training stopped before the optimizer step, "

@@ -20,7 +20,7 @@ What is notable here:
 - **Logs survive a crash mid-line.** ``trim_logs`` keeps the metrics/eval records up to the update a run (re)starts
   from; a partial last line (a kill while writing it) is dropped with a warning instead of blocking the resume.
 
-All ranks call ``prepare`` (the checks read the shared file system); only rank 0 writes or deletes.
+All ranks call ``prepare``; rank 0 alone checks, locks, writes and deletes while the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -185,28 +185,26 @@ def check_schedule(saved: dict, cfg: RunConfig, source: Path) -> None:
 
 
 def prepare(cfg: RunConfig) -> Path:
-    """Make ``cfg.out_dir`` ready for this run (all ranks call it): lock it, keep, resume or delete the earlier run
-    as the config says (module docstring), and write ``config.json``. Returns the directory."""
+    """Make ``cfg.out_dir`` ready for this run (all ranks call it; rank 0 does the work): lock it, resume, delete or
+    refuse the earlier run as the config says (module docstring), and write ``config.json``. Returns the directory."""
     out = Path(cfg.out_dir)
     d = dist.info()
     if out.exists() and not out.is_dir():
         raise RunDirError(f"out_dir={out} is a file, not a directory; choose a directory for the run")
-    if d.is_main:
+    if d.is_main:  # the other ranks wait: a refusal here ends the job (torchrun stops every rank)
         out.mkdir(parents=True, exist_ok=True)
         acquire(out)
-    try:
-        _check_and_clear(out, cfg, d.is_main)
-    except BaseException:
-        if d.is_main:
+        try:
+            _check_and_clear(out, cfg)
+        except BaseException:
             release(out)
-        raise
-    if d.is_main:
+            raise
         (out / CONFIG).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     dist.barrier()
     return out
 
 
-def _check_and_clear(out: Path, cfg: RunConfig, main: bool) -> None:
+def _check_and_clear(out: Path, cfg: RunConfig) -> None:
     ours = (out / CONFIG).is_file()
     foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK and not p.name.startswith(f".{LOCK}.")) \
         if out.is_dir() and not ours else []
@@ -219,11 +217,10 @@ def _check_and_clear(out: Path, cfg: RunConfig, main: bool) -> None:
     if not found:
         return
     if cfg.checkpoint.overwrite:
-        if main:
-            for p in out.iterdir():
-                if p.name != LOCK:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            dist.log(f"checkpoint.overwrite: deleted the earlier run in {out} ({'; '.join(found)})")
+        for p in out.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        dist.log(f"checkpoint.overwrite: deleted the earlier run in {out} ({'; '.join(found)})")
         return
     if cfg.checkpoint.resume and checkpointing.latest(out / "checkpoints") is not None:
         try:
