@@ -177,6 +177,17 @@ def test_two_different_numbers_never_count(a, b, glue):
         assert not is_correct(text, format(a, "f")) and not is_correct(text, format(b, "f"))
 
 
+@settings(max_examples=300, deadline=None)
+@given(value=numbers, exponent=st.integers(-6, 6), e=st.sampled_from(["e", "E"]),
+       glue=st.sampled_from(["x", "X", "k", "abc", "b1", "_"]))
+def test_a_number_is_read_as_itself_or_refused_never_as_another(value, exponent, e, glue):
+    """Scientific notation reads as its value; digits with letters glued on are refused (issue 10)."""
+    plain = format(value, "f")
+    assert extract_number(f"{plain}{e}{exponent}") == value.scaleb(exponent)
+    assert extract_number(f"{plain}{glue}{abs(exponent)}") is None
+    assert extract_number(f"0x{abs(int(value))}") is None
+
+
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(alphabet=st.characters(blacklist_categories=["Nd"]), max_size=40))
 def test_text_without_digits_has_no_number(text):
