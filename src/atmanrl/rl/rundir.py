@@ -79,7 +79,7 @@ def history(out: Path) -> list[str]:
         found.append(f"checkpoints/{{{', '.join(steps)}}}")
     for name in LOGS:
         if n := _log_records(out / name):
-            found.append(f"{name} ({n} records)")
+            found.append(f"{name} ({n} record{'' if n == 1 else 's'})")
     if (out / "policy").exists():
         found.append("policy/ (an exported model)")
     return found
