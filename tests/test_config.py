@@ -197,3 +197,13 @@ def test_dtypes_live_with_the_config():
 
     choices = __import__("typing").get_args(__import__("typing").get_type_hints(ModelConfig)["dtype"])
     assert set(DTYPES) == set(choices) and DTYPES["bfloat16"] is torch.bfloat16
+
+
+def test_an_error_names_the_file_only_when_the_file_is_at_fault(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1.0e-6\n")
+    with pytest.raises(ConfigError, match=r"^command-line override: train\.lr: 'inf' is not a finite number"):
+        load_config(f, ["train.lr=inf"])
+    f.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: train\.lr=-1\.0 must be > 0"):
+        load_config(f, ["train.epochs=2"])

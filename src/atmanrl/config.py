@@ -15,6 +15,7 @@ What is notable here:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -383,10 +384,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=R
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         data = _read_yaml(path)
+    from_file = copy.deepcopy(data)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value, cls)
     try:
         return from_dict(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+        if path is None:
+            raise
+        try:  # name the file only when the file itself is at fault, not a command-line override
+            from_dict(cls, from_file)
+        except ConfigError:
+            raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"command-line override: {e}") from None
