@@ -113,9 +113,17 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid is free now
     _write_lock(tmp_path, socket.gethostname(), dead.pid)
-    with pytest.warns(RunDirWarning, match=rf"stale lock of process {dead.pid}"):
+    with pytest.warns(RunDirWarning, match=rf"took over the stale lock of process {dead.pid}"):
         _run(tmp_path, "train.max_updates=1")
     assert _updates(tmp_path) == [1] and not (tmp_path / rundir.LOCK).exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no helper files left
+
+
+def test_an_unreadable_lock_is_refused_not_deleted(tmp_path):
+    (tmp_path / rundir.LOCK).write_text("not json")
+    with pytest.raises(RunDirError, match=r"run\.lock exists but is not a lock file written by atmanrl.*delete it"):
+        _run(tmp_path)
+    assert (tmp_path / rundir.LOCK).read_text() == "not json"
 
 
 def test_the_lock_is_held_while_training(tmp_path):

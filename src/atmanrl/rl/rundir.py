@@ -119,14 +119,15 @@ def acquire(out: Path) -> Path:
                 host, pid = owner["host"], int(owner["pid"])
             except FileNotFoundError:
                 continue  # released meanwhile
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # never ours: we write the lock whole (link of a full file)
                 raise RunDirError(f"{lock} exists but is not a lock file written by atmanrl; if no run uses {out}, "
                                   "delete it and start again") from None
             if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
+                if not _remove_stale(lock, owner, out / f".{LOCK}.stale.{me['pid']}"):
+                    continue  # another run replaced it meanwhile: look again
                 if pid != me["pid"]:
-                    warnings.warn(f"{lock}: taking over the stale lock of process {pid} on {host}, which is no "
+                    warnings.warn(f"{lock}: took over the stale lock of process {pid} on {host}, which is no "
                                   "longer running (a killed run)", RunDirWarning, stacklevel=3)
-                lock.unlink(missing_ok=True)
                 continue
             where = f"process {pid} on this host" if host == me["host"] else f"process {pid} on host {host}"
             raise RunDirError(
@@ -137,6 +138,25 @@ def acquire(out: Path) -> Path:
         raise RunDirError(f"could not take {lock}: other runs keep re-creating it; choose another out_dir")
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale(lock: Path, owner: dict, aside: Path) -> bool:
+    """Remove ``lock`` if it still holds ``owner``. It is moved aside first (atomic) and checked there, so a live
+    lock that another run wrote after we read the stale one is put back, never deleted."""
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        if json.loads(aside.read_text()) == owner:
+            return True
+        try:
+            os.link(aside, lock)  # not the stale lock any more: restore it (unless a third run took the place)
+        except FileExistsError:
+            pass
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def release(out: str | Path) -> None:
