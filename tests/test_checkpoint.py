@@ -261,3 +261,14 @@ def test_damaged_index_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json, line 1, column \d+: not valid JSON.*"
                                          r"safetensors index"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "48"), ("num_hidden_layers", 0), ("vocab_size", -1),
+                                        ("intermediate_size", 80.5)])
+def test_config_json_with_a_wrong_value_names_file_and_key(tmp_path, key, value):
+    save_hf(tiny(tied=True), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"config\.json: {key} = {value!r} must be a positive integer"):
+        load_hf(tmp_path)

@@ -238,3 +238,14 @@ def test_fit_vocab_pads_with_eos_when_the_pad_token_is_dropped(caplog):
     with caplog.at_level(logging.WARNING):
         assert tok.fit_vocab(3) == ["<pad>"]
     assert tok.pad_id == tok.eos_id == 2 and "padding with EOS" in caplog.text
+
+
+def test_damaged_tokenizer_files_name_the_file(tmp_path):
+    src = _llama32_tokenizer_path()
+    (tmp_path / "tokenizer.json").write_bytes(src.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"tokenizer\.json \(5000 bytes\) is not a readable tokenizer\.json"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json")
+    shutil.copy(src, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|begin_of_text|>", ')
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json is not valid JSON.*or delete it"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json")

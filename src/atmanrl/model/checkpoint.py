@@ -93,6 +93,11 @@ def load_config(path: str | Path) -> LlamaConfig:
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{path}: {key} = {cfg[key]!r} is not supported (our Llama has {key} = {ok!r}).")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{path}: {key} = {value!r} must be a positive integer; the config.json is damaged.")
     theta, scaling = _rope_from_hf(cfg, path)
     try:
         return LlamaConfig(

@@ -167,9 +167,18 @@ class Tokenizer:
                 f"Tokenizer file {path} not found. A Hugging Face model directory must contain tokenizer.json "
                 "(copy it from the model's repository)."
             )
-        tok = _HFTokenizer.from_file(str(path))
+        try:
+            tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library's error names neither the file nor the cause
+            raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable tokenizer.json ({e}); it is "
+                             "empty, truncated or damaged. Copy it again from the model's repository.") from None
         cfg_path = path.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); it is truncated or damaged. Copy it again from "
+                             "the model's repository, or delete it (special tokens then come from tokenizer.json "
+                             "alone).") from None
 
         def name(key):  # tokenizer_config writes special tokens as strings or as {"content": ...}
             v = cfg.get(key)
