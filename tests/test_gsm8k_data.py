@@ -110,6 +110,11 @@ def test_gold_in_scientific_notation_reads_right_and_hex_is_refused_with_file_an
         read_gsm8k(path)
 
 
+def test_a_directory_instead_of_the_data_file_says_so(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a directory; give the GSM8K jsonl file inside it"):
+        read_gsm8k(tmp_path)
+
+
 def test_non_utf8_data_names_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     good = json.dumps({"question": "q", "answer": "#### 2"}).encode()

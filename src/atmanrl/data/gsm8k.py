@@ -58,6 +58,8 @@ def gold_from_solution(answer_text: str) -> str:
 def read_gsm8k(path: str | Path) -> list[Problem]:
     """Read a GSM8K jsonl file: one ``{"question": ..., "answer": ...}`` object per line (blank lines ignored)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the GSM8K jsonl file inside it (e.g. {path}/test.jsonl)")
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path} (expected a jsonl file such as test.jsonl)")
     problems = []
