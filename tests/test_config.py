@@ -207,3 +207,10 @@ def test_an_error_names_the_file_only_when_the_file_is_at_fault(tmp_path):
     f.write_text("train:\n  lr: -1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: train\.lr=-1\.0 must be > 0"):
         load_config(f, ["train.epochs=2"])
+
+
+def test_nested_saliency_sections_name_the_full_key():
+    c = load_config(None, ["saliency.early_stop={every: 5, rho: 0.9, min_steps: 10}"])
+    assert c.saliency.early_stop.every == 5
+    with pytest.raises(ConfigError, match=r"^saliency\.early_stop\.every=0 must be >= 1"):
+        load_config(None, ["saliency.early_stop={every: 0}"])

@@ -68,11 +68,11 @@ class EarlyStop:
 
     def __post_init__(self):
         if self.every < 1:
-            raise ValueError(f"early_stop.every={self.every} must be >= 1 (steps between two ranking comparisons)")
+            raise ValueError(f"every={self.every} must be >= 1 (steps between two ranking comparisons)")
         if self.min_steps < 0:
-            raise ValueError(f"early_stop.min_steps={self.min_steps} must be >= 0")
+            raise ValueError(f"min_steps={self.min_steps} must be >= 0")
         if not math.isfinite(self.rho):
-            raise ValueError(f"early_stop.rho={self.rho} must be a finite number (a Spearman correlation)")
+            raise ValueError(f"rho={self.rho} must be a finite number (a Spearman correlation)")
 
 
 @dataclass
