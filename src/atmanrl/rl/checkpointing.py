@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
 import warnings
 from pathlib import Path
-
-import math
 
 import torch
 import torch.distributed.checkpoint as dcp
