@@ -155,7 +155,7 @@ def test_gsm8k_task_scores_real_tokens(smollm2):
     """GSM8KTask on SmolLM2's tokenizer: the answer after "#####" is judged, the saliency sequence is
     prompt + CoT + "#####" + gold; a completion without the delimiter is unanswered and gets no saliency input."""
     from atmanrl.data.gsm8k import Problem
-    from atmanrl.rl.rollout import GSM8KTask
+    from atmanrl.data.gsm8k_task import GSM8KTask
 
     _, tokenizer = smollm2
     task = GSM8KTask(tokenizer)
