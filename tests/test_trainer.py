@@ -126,23 +126,39 @@ def test_saliency_arm_and_export(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_truncated_rollout_gets_neutral_saliency(tmp_path):
-    """A rollout without an answer gets outcome -1 and its group's mean saliency reward (rl/rollout.py)."""
+def test_saliency_rewards_one_call_neutral_per_group(monkeypatch):
+    """One ``saliency`` call for all groups of the update; a rollout without an answer gets outcome -1 and ITS
+    group's mean saliency reward (rl/rollout.py); the SaliencyResult is kept on the rollout."""
+    import atmanrl.saliency
     from atmanrl.config import RunConfig
     from atmanrl.rl.rollout import Rollout
     from atmanrl.rl.trainer import saliency_rewards
 
+    calls = []
+    real = atmanrl.saliency.saliency
+
+    def counting(model, inputs, config, **kwargs):
+        calls.append(len(inputs))
+        return real(model, inputs, config, **kwargs)
+
+    monkeypatch.setattr(atmanrl.saliency, "saliency", counting)
     task = TinyTask(saliency=True)
     model = tiny_policy()
     rollouts = []
-    for completion in ([9, 5, 6], [8, 5, 7], [9, 9, 9]):
-        rollouts.append(Rollout(1, task.prompt(1), completion, [0.0] * 3, False, task.score(1, [BOS, 5], completion)))
-    rollouts[2].score = Score(correct=False, has_answer=False, cot_tokens=3)
+    for problem, completions in ((1, ([9, 5, 6], [8, 5, 7], [9, 9, 9])), (2, ([8, 6, 6], [8, 6, 5], [9, 4, 4]))):
+        for c in completions:
+            prompt = task.prompt(problem)
+            rollouts.append(Rollout(problem, prompt, c, [0.0] * 3, False, task.score(problem, prompt, c)))
+    rollouts[2].score = Score(correct=False, has_answer=False, cot_tokens=3)  # group 0: one truncated rollout
     cfg = RunConfig()
     cfg.saliency.steps = 3
     saliency_rewards(model, rollouts, cfg, G=3)
+    assert calls == [5]  # the 5 answered rollouts of both groups in one call
+    assert rollouts[2].saliency_result is None
     assert rollouts[2].saliency == pytest.approx((rollouts[0].saliency + rollouts[1].saliency) / 2)
     assert rollouts[0].saliency != rollouts[1].saliency
+    for r in rollouts[:2] + rollouts[3:]:
+        assert r.saliency_result.ok and r.saliency == r.saliency_result.reward and r.saliency_result.steps == 3
 
 
 def test_config_errors_reach_the_trainer(tmp_path):
