@@ -9,7 +9,7 @@ from atmanrl.data import tasks
 from atmanrl.data.gsm8k import draw_problems, read_gsm8k
 from atmanrl.data.gsm8k_task import GSM8KTask
 from atmanrl.data.synthetic import make_problems
-from test_trainer import TinyTask, single_process_one_thread, tiny_config, tiny_policy  # noqa: F401
+from test_trainer import TinyTask, single_process_one_thread, tiny_config, tiny_policy  # noqa: F401 (fixture)
 
 
 def test_gsm8k_is_the_default_task():
