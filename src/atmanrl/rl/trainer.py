@@ -272,14 +272,9 @@ def train(
         for r, tot, a in zip(rollouts, rewards.tolist(), advantages.flatten().tolist()):
             r.total, r.advantage = tot, a
 
-        # 6. Policy update: ppo_epochs passes, each in num_minibatches optimizer steps.
+        # 6. Policy update (Eq. 5): ppo_epochs passes, each in num_minibatches optimizer steps.
         t0 = time.perf_counter()
-        run.policy.train()
-        ref_logp = reference_logprobs(run.reference, rollouts, cfg, run.task.pad_id) \
-            if run.reference is not None else None
-        losses, stats, grad_norms = policy_update(run.policy, run.optimizer, rollouts, ref_logp, cfg,
-                                                  run.task.pad_id,
-                                                  cfg.train.problems_per_update * G // cfg.train.num_minibatches)
+        losses, stats, grad_norms = policy_update(run, rollouts)
         t_update = time.perf_counter() - t0
 
         # 7. Metrics, progress, held-out evaluation, checkpoint.
@@ -332,11 +327,12 @@ def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> 
 
     config = saliency_config(cfg)
     todo = [r for r in rollouts if r.score.saliency_input is not None]
-    with Progress("saliency", len(todo), "sequences") as progress:
-        # on_step runs once per optimiser step of a batch; a batch of B sequences does B/steps of the work
-        results = saliency(model, [r.score.saliency_input for r in todo], config,
-                           on_step=lambda step, mask, losses: progress.advance(len(losses) / config.steps)) \
-            if todo else []
+    results = []
+    if todo:
+        with Progress("saliency", len(todo), "sequences") as progress:
+            # on_step runs after every optimiser step of a batch: a batch of B sequences has done B/steps of them
+            results = saliency(model, [r.score.saliency_input for r in todo], config,
+                               on_step=lambda step, mask, losses: progress.advance(len(losses) / config.steps))
     for r, res in zip(todo, results):
         r.saliency_result = res
         r.saliency = res.reward if res.ok else 0.0
@@ -378,17 +374,20 @@ def _carries_signal(chunk: list[Rollout]) -> bool:
     return bool(dist.all_reduce(local, "max").item())
 
 
-def policy_update(policy, optimizer, rollouts: list[Rollout], ref_logp, cfg: RunConfig, pad_id: int,
-                  global_count: int) -> tuple[list[float], LossStats, list[float]]:
+def policy_update(run: Run, rollouts: list[Rollout]) -> tuple[list[float], LossStats, list[float]]:
     """``ppo_epochs`` passes of ``num_minibatches`` AdamW steps over this rank's rollouts (Eq. 5).
 
     Returns the global loss of every optimizer step, the pooled ratio statistics (of the micro-batches that were
     computed) and the gradient norms. A micro-batch whose rollouts all have advantage 0 (zero-variance groups,
     e.g. every rollout truncated) contributes exactly 0 to the gradient and is skipped (with kl_beta 0).
     """
+    cfg, policy, optimizer, pad_id = run.cfg, run.policy, run.optimizer, run.task.pad_id
     t, g = cfg.train, cfg.grpo
     device = next(policy.parameters()).device
     M, mb = t.num_minibatches, t.micro_batch_size
+    global_count = t.problems_per_update * cfg.rollout.group_size // M  # rollouts per minibatch, all ranks
+    ref_logp = reference_logprobs(run.reference, rollouts, cfg, pad_id) if run.reference is not None else None
+    policy.train()
     losses, grad_norms, stats = [], [], LossStats()
     micro_batches = t.ppo_epochs * sum(math.ceil(len(range(m, len(rollouts), M)) / mb) for m in range(M))
     optimizer.zero_grad(set_to_none=True)  # nothing may leak in from the rollout/saliency phase
