@@ -146,4 +146,9 @@ def test_progress_is_quiet_for_short_phases_and_paced_for_long_ones():
     with Progress("saliency", 2, "sequences", quiet_s=5, clock=clock, log=lines.append) as p:
         p.advance(2)
     assert lines == []  # a phase shorter than quiet_s says nothing at all
+    with Progress("saliency", 3, "sequences", quiet_s=5, clock=clock, log=lines.append) as p:
+        for _ in range(21):
+            p.advance(1 / 7)  # a batch of 1 sequence, 7 mask steps, three times (the float sum is 2.999...)
+        now[0] = 30.0
+    assert lines == ["  saliency: 3/3 sequences, done in 0m10s"]  # not "2.9999.../3 ... ETA"
     assert hms(3725) == "1h02m05s" and hms(float("nan")) == "?"

@@ -42,7 +42,7 @@ class Progress:
     def advance(self, n: float = 1, tokens: int = 0) -> None:
         """``n`` more units done (and ``tokens`` more tokens processed); prints if it is time to (the closing line
         is printed on leaving the ``with`` block)."""
-        self.done += n
+        self.done = round(self.done + n, 9)  # fractions (1/steps of a sequence) add up to whole units
         self.tokens += tokens
         now = self.clock()
         if self.done < self.total and now - self.start >= self.quiet_s and now - self.last_line >= self.every_s:
