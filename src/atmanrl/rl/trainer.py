@@ -322,6 +322,10 @@ def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> 
     ``saliency.max_batch`` and computes each distinct prompt once). A rollout without an answer (truncated) or
     with a degenerate mask gets the mean saliency reward of its group's valid ones (0 if none), so that only its
     outcome moves its advantage (see atmanrl/rl/rollout.py).
+
+    Which rollouts share a batch changes a reward only at float rounding (padding changes the matmul shapes), and
+    a rank's batch depends on the number of ranks: with the saliency arm on, runs on different numbers of ranks
+    agree up to rounding, not bit for bit (a resume still repeats exactly).
     """
     from atmanrl.saliency import saliency
 
