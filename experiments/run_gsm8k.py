@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 experiments/run_gsm8k.py --config experiments/configs/paper_llama32_3b_atmanrl.yaml \
         model.name_or_path=/path/to/Llama-3.2-3B-Instruct data.path=/path/to/gsm8k/train.jsonl
 
-Any ``key.sub=value`` after the options overrides the config (``saliency.weight=0`` is the baseline arm). Writes
+Any ``key.sub=value`` after the options overrides the config (``saliency.weight=0`` is the baseline arm;
+``data.task=NAME`` trains on another task registered in atmanrl/data/tasks.py). Writes
 ``out_dir/{config.json, metrics.jsonl, eval.jsonl, checkpoints/step_N, policy/, figure2.png}``.
 """
 

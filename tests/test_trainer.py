@@ -126,23 +126,39 @@ def test_saliency_arm_and_export(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_truncated_rollout_gets_neutral_saliency(tmp_path):
-    """A rollout without an answer gets outcome -1 and its group's mean saliency reward (rl/rollout.py)."""
+def test_saliency_rewards_one_call_neutral_per_group(monkeypatch):
+    """One ``saliency`` call for all groups of the update; a rollout without an answer gets outcome -1 and ITS
+    group's mean saliency reward (rl/rollout.py); the SaliencyResult is kept on the rollout."""
+    import atmanrl.saliency
     from atmanrl.config import RunConfig
     from atmanrl.rl.rollout import Rollout
     from atmanrl.rl.trainer import saliency_rewards
 
+    calls = []
+    real = atmanrl.saliency.saliency
+
+    def counting(model, inputs, config, **kwargs):
+        calls.append(len(inputs))
+        return real(model, inputs, config, **kwargs)
+
+    monkeypatch.setattr(atmanrl.saliency, "saliency", counting)
     task = TinyTask(saliency=True)
     model = tiny_policy()
     rollouts = []
-    for completion in ([9, 5, 6], [8, 5, 7], [9, 9, 9]):
-        rollouts.append(Rollout(1, task.prompt(1), completion, [0.0] * 3, False, task.score(1, [BOS, 5], completion)))
-    rollouts[2].score = Score(correct=False, has_answer=False, cot_tokens=3)
+    for problem, completions in ((1, ([9, 5, 6], [8, 5, 7], [9, 9, 9])), (2, ([8, 6, 6], [8, 6, 5], [9, 4, 4]))):
+        for c in completions:
+            prompt = task.prompt(problem)
+            rollouts.append(Rollout(problem, prompt, c, [0.0] * 3, False, task.score(problem, prompt, c)))
+    rollouts[2].score = Score(correct=False, has_answer=False, cot_tokens=3)  # group 0: one truncated rollout
     cfg = RunConfig()
     cfg.saliency.steps = 3
     saliency_rewards(model, rollouts, cfg, G=3)
+    assert calls == [5]  # the 5 answered rollouts of both groups in one call
+    assert rollouts[2].saliency_result is None
     assert rollouts[2].saliency == pytest.approx((rollouts[0].saliency + rollouts[1].saliency) / 2)
     assert rollouts[0].saliency != rollouts[1].saliency
+    for r in rollouts[:2] + rollouts[3:]:
+        assert r.saliency_result.ok and r.saliency == r.saliency_result.reward and r.saliency_result.steps == 3
 
 
 def test_config_errors_reach_the_trainer(tmp_path):
@@ -155,7 +171,7 @@ def test_gsm8k_task_scores_real_tokens(smollm2):
     """GSM8KTask on SmolLM2's tokenizer: the answer after "#####" is judged, the saliency sequence is
     prompt + CoT + "#####" + gold; a completion without the delimiter is unanswered and gets no saliency input."""
     from atmanrl.data.gsm8k import Problem
-    from atmanrl.rl.rollout import GSM8KTask
+    from atmanrl.data.gsm8k_task import GSM8KTask
 
     _, tokenizer = smollm2
     task = GSM8KTask(tokenizer)
@@ -202,3 +218,28 @@ def test_loss_variants_run(tmp_path, override):
     assert all(math.isfinite(x) for r in result.metrics for x in r["losses"])
     if "kl_beta" in override:
         assert any(r.get("kl", 0) > 0 for r in result.metrics)  # the policy moved away from the reference
+
+
+def test_built_run_schedule_and_rank_shares(tmp_path):
+    """build_run's schedule, and each rank's contiguous share: concatenated over ranks it is the single-process
+    batch for any world size (what makes 2 processes train like 1, tests/test_distributed.py)."""
+    import dataclasses
+
+    from atmanrl.rl.trainer import build_run
+
+    cfg = tiny_config(tmp_path, "train.problems_per_update=4", "train.epochs=3")
+    run = build_run(cfg, tiny_policy(), TinyTask(), list(range(10)))
+    assert (run.per_epoch, run.total, run.start) == (2, 6, 0)  # 10 problems // 4 per update; the rest is dropped
+    assert run.inference is run.policy  # no process group: nothing to shard, no copy
+    seen = []
+    for update in range(run.total):
+        epoch, batch = run.my_problems(update)
+        assert epoch == update // 2 and len(batch) == 4
+        for world in (2, 4):
+            ranks = [dataclasses.replace(run, d=dataclasses.replace(run.d, rank=r, world_size=world))
+                     for r in range(world)]
+            shares = [rank_run.my_problems(update)[1] for rank_run in ranks]
+            assert [i for share in shares for i in share] == batch
+        seen.append(batch)
+    assert len(set(seen[0] + seen[1])) == 8  # an epoch draws each problem at most once
+    assert seen[0] + seen[1] != seen[2] + seen[3]  # and each epoch has its own order

@@ -2,7 +2,8 @@
 
 What is notable here:
 - The trainer does not know what a problem is. A ``Task`` turns a problem into prompt tokens and judges a
-  completion (``GSM8KTask`` for GSM8K and the synthetic word problems; tests plug in tiny tasks).
+  completion. Tasks live with their data (``atmanrl.data.gsm8k_task.GSM8KTask``) and are picked by name from
+  ``atmanrl.data.tasks``; tests plug in tiny ones.
 - Sampling is seeded per (run seed, update, problem): ``sampling_generator``. The G rollouts of a problem are one
   ``generate`` call with their own generator, so a problem's rollouts are the same whichever rank draws them and
   however many ranks there are -- the global batch does not depend on the world size, and resuming from a
@@ -18,12 +19,15 @@ What is notable here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from atmanrl.model.generate import generate
+
+if TYPE_CHECKING:
+    from atmanrl.saliency import SaliencyResult
 
 
 @dataclass
@@ -59,7 +63,9 @@ class Rollout:
     saliency: float = 0.0  # Eq. 3 (as oriented by the saliency config)
     total: float = 0.0
     advantage: float = 0.0  # Eq. 5's A_i
-    extra: dict = field(default_factory=dict)  # saliency diagnostics (answer loss at step 0, saturation, ...)
+    # The AtMan mask's result (reward, status, answer loss at step 0, saturation, ...); None when no mask was
+    # optimised (no answer, or the baseline arm).
+    saliency_result: SaliencyResult | None = None
 
 
 def sampling_generator(seed: int, update: int, problem: int, device="cpu") -> torch.Generator:
@@ -81,28 +87,17 @@ def rollout_group(model, task: Task, problem, problem_index: int, *, group_size:
     ]
 
 
-class GSM8KTask:
-    """GSM8K (or the synthetic GSM8K-style problems): chat prompt with the ``#####`` instruction, number matching."""
+def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int, update: int, device) -> list[Rollout]:
+    """All rollouts of one update on this rank: ``group_size`` completions of each of ``problems``, in order.
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.stop_ids = list(tokenizer.stop_ids)
-        self.pad_id = tokenizer.pad_id
-
-    def prompt(self, problem) -> list[int]:
-        from atmanrl.data.gsm8k import build_prompt
-
-        return build_prompt(self.tokenizer, problem.question)
-
-    def score(self, problem, prompt: list[int], completion: list[int]) -> Score:
-        from atmanrl.data import gsm8k
-        from atmanrl.saliency import SaliencyInput
-
-        spans = gsm8k.split_tokens(self.tokenizer, completion)  # trailing end-of-turn tokens belong to no span
-        if spans.delim is None:  # no "#####": no answer, no CoT/answer boundary (see the module docstring)
-            return Score(correct=False, has_answer=False, cot_tokens=spans.cot[1])
-        text = self.tokenizer.decode([t for t in completion if t not in self.stop_ids])
-        _, answer = gsm8k.split_completion(text)
-        tokens, prompt_len, cot, gold = gsm8k.saliency_sequence(self.tokenizer, prompt, completion, problem.gold)
-        return Score(correct=gsm8k.is_correct(answer, problem.gold), has_answer=True, cot_tokens=spans.cot[1],
-                     saliency_input=SaliencyInput(tokens, prompt_len, cot, gold))
+    ``indices[k]`` is the training-set index of ``problems[k]``: it seeds that problem's sampling
+    (``sampling_generator``) and is recorded in its rollouts, so the result depends on neither the rank nor the
+    number of ranks. The G rollouts of a problem are consecutive (rollouts ``k*G .. k*G+G-1`` are problem ``k``).
+    """
+    rollouts: list[Rollout] = []
+    for problem, i in zip(problems, indices, strict=True):
+        rollouts += rollout_group(model, task, problem, i, group_size=group_size, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p,
+                                  generator=sampling_generator(seed, update, i, device))
+    return rollouts

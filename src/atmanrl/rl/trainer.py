@@ -1,16 +1,22 @@
 """The AtManRL / GRPO training loop (paper sections 3.3-3.4), written to be read top to bottom.
 
+``build_run`` does the set-up once (process group, run directory, model, task and problems, the reference and
+inference copies, FSDP2 sharding, optimizer, resume) and returns a ``Run``; ``train`` is then the algorithm.
 One update:
   1. take the next ``problems_per_update`` problems of the epoch's shuffled order; each rank takes a contiguous
      block of them (the global batch does not depend on the number of ranks);
   2. roll out G completions per problem with the inference copy of the policy, recording ``logp_old``;
   3. outcome reward, Eq. 4;
-  4. saliency reward, Eq. 2-3 (an AtMan mask optimised per rollout; skipped entirely when its weight is 0, which
-     is the paper's baseline arm);
+  4. saliency reward, Eq. 2-3 (an AtMan mask optimised per answered rollout, all of the rank's in one
+     ``saliency`` call; skipped entirely when its weight is 0, which is the paper's baseline arm);
   5. total reward and group advantages, Eq. 5's baseline;
   6. ``ppo_epochs`` passes over the rollouts, each in ``num_minibatches`` optimizer steps: recompute log-probs,
      clipped objective (Eq. 5), backward, optional gradient clipping, AdamW step;
-  7. one JSON line of metrics (metrics.jsonl), a progress line on rank 0, a checkpoint every N updates.
+  7. one JSON line of metrics (metrics.jsonl, atmanrl/rl/metrics.py), an update line on rank 0, a checkpoint
+     every N updates. Inside a long phase rank 0 also prints progress (atmanrl/rl/progress.py).
+
+The loop knows nothing about its task: a ``Task`` (atmanrl/rl/rollout.py) turns problems into prompts and judges
+completions; ``data.task`` picks one from atmanrl/data/tasks.py, or a caller passes its own.
 
 Distributed notes (see also atmanrl/dist.py):
 - Minibatch ``m`` holds the rollouts whose global index is ``m`` modulo ``num_minibatches`` (strided, so every
@@ -19,8 +25,9 @@ Distributed notes (see also atmanrl/dist.py):
   minibatch for any world size.
 - Each rank's loss is divided by the GLOBAL number of rollouts in the minibatch and FSDP sums gradients over
   ranks, so the gradient equals the single-process one (tests/test_distributed.py).
-- Rollouts and the saliency masks run on a plain, unsharded copy of the policy, refreshed (one all-gather) at the
-  start of every update; see dist.py for why generation does not go through the FSDP module.
+- Rollouts, the saliency masks and the held-out evaluation run on a plain, unsharded copy of the policy,
+  refreshed (one all-gather) whenever the policy has changed; see dist.py for why generation does not go through
+  the FSDP module.
 """
 
 from __future__ import annotations
@@ -37,28 +44,18 @@ import torch
 
 from atmanrl import dist
 from atmanrl.config import DTYPES, RunConfig
-from atmanrl.model.generate import generate, sequence_logprobs
+from atmanrl.data.tasks import load_eval_problems, load_problems, make_task, task_entry
+from atmanrl.eval.training_eval import append_heldout, evaluate_heldout
+from atmanrl.model.generate import sequence_logprobs
 from atmanrl.rl import checkpointing, rundir
 from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
-from atmanrl.rl.rollout import GSM8KTask, Rollout, Task, rollout_group, sampling_generator
-
+from atmanrl.rl.metrics import update_record
+from atmanrl.rl.progress import Progress, hms
+from atmanrl.rl.rollout import Rollout, Task, rollout_update
 
 # ---------------------------------------------------------------------------------------------------------------
-# Set-up: what to train on
+# Set-up: the built run
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def load_problems(path: str | None, n_synthetic: int, seed: int, max_problems: int | None = None) -> list:
-    """GSM8K problems from a jsonl file, or the embedded synthetic GSM8K-style problems when ``path`` is None."""
-    if path is None:
-        from atmanrl.data.synthetic import make_problems
-
-        problems = make_problems(n_synthetic, seed)
-    else:
-        from atmanrl.data.gsm8k import read_gsm8k
-
-        problems = read_gsm8k(path)
-    return problems[:max_problems] if max_problems is not None else problems
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -70,6 +67,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Shapes the loop relies on; each error says which key to change."""
     t, G = cfg.train, cfg.rollout.group_size
+    task_entry(cfg.data.task)  # an unknown task fails here, before a model is loaded
     if t.problems_per_update % world_size:
         raise ValueError(f"train.problems_per_update={t.problems_per_update} must be a multiple of the number of "
                          f"processes ({world_size}): each rank rolls out whole groups")
@@ -78,10 +76,110 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ValueError(f"each rank holds {local} rollouts (train.problems_per_update / processes x "
                          f"rollout.group_size), which must be a multiple of train.num_minibatches="
                          f"{t.num_minibatches}")
-    if G < 2:
-        raise ValueError(f"rollout.group_size={G}: GRPO needs at least 2 rollouts per problem for a baseline")
-    if cfg.grpo.kl_beta < 0:
-        raise ValueError(f"grpo.kl_beta={cfg.grpo.kl_beta} must be >= 0 (0 switches the KL term off)")
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``build_run``."""
+
+    cfg: RunConfig
+    d: dist.DistInfo
+    out: Path  # the run directory: config.json, metrics.jsonl, eval.jsonl, checkpoints/, policy/
+    task: Task
+    problems: list  # the training problems
+    eval_problems: list | None  # the held-out draw (None when eval.every is 0)
+    policy: torch.nn.Module  # the trained module (FSDP2-sharded under torchrun)
+    inference: torch.nn.Module  # plain copy for rollouts, masks and evaluation (the policy itself when not sharded)
+    reference: torch.nn.Module | None  # frozen initial policy for the optional KL term
+    optimizer: torch.optim.Optimizer
+    per_epoch: int  # updates per epoch
+    total: int  # updates of the whole run
+    start: int  # updates done before this call (a resume)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def my_problems(self, update: int) -> tuple[int, list[int]]:
+        """(epoch, training-set indices of this rank's problems) of update ``update`` (0-based)."""
+        P = self.cfg.train.problems_per_update
+        epoch, k = divmod(update, self.per_epoch)
+        batch = epoch_order(len(self.problems), self.cfg.data.seed, epoch)[k * P:(k + 1) * P]
+        share = P // self.d.world_size
+        return epoch, batch[self.d.rank * share:(self.d.rank + 1) * share]  # contiguous: rollout order = global
+
+    def refresh_inference(self) -> None:
+        """Copy the (sharded) policy's current weights into the inference copy; collective when sharded."""
+        if self.inference is not self.policy:
+            dist.gather_into(self.policy, self.inference)
+        self.inference.eval()
+
+
+def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task | None = None,
+              problems: list | None = None, eval_problems: list | None = None) -> Run:
+    """The set-up of ``train``, in order; each argument left None comes from the config."""
+    d = dist.init()
+    validate(cfg, d.world_size)
+    out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- problems, model, task ----------------------------------------------------------------------------
+    if problems is None:
+        problems = load_problems(cfg.data)
+    per_epoch = len(problems) // cfg.train.problems_per_update
+    if per_epoch == 0:
+        raise ValueError(f"{len(problems)} training problems are fewer than train.problems_per_update="
+                         f"{cfg.train.problems_per_update}; lower it or give more problems (data.path, "
+                         f"data.synthetic_problems, data.max_problems)")
+    if eval_problems is None and cfg.eval.every > 0:
+        eval_problems = load_eval_problems(cfg.data, cfg.eval)
+    if policy is None:
+        from atmanrl.model import load
+
+        policy, tokenizer = load(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+        task = task or make_task(cfg.data.task, tokenizer)
+    elif task is None:
+        raise ValueError("train(policy=...) also needs task=...: the task knows the policy's tokenizer")
+
+    # ---- the reference and inference copies, sharding, optimizer -----------------------------------------
+    policy = policy.to(d.device)
+    reference = None
+    if cfg.grpo.kl_beta > 0:  # a frozen copy of the initial policy (the paper uses no KL term)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    inference = policy
+    if d.initialized:
+        mp_dtype = dist.mixed_precision_dtype(cfg.model.mixed_precision)
+        inference = copy.deepcopy(policy).to(mp_dtype or next(policy.parameters()).dtype).requires_grad_(False)
+    policy = dist.shard(policy, cfg.model.mixed_precision)
+    optimizer = make_optimizer(cfg, policy)
+
+    # ---- schedule and resume ------------------------------------------------------------------------------
+    total = per_epoch * cfg.train.epochs
+    if cfg.train.max_updates is not None:
+        total = min(total, cfg.train.max_updates)
+    start = resume(cfg, out / "checkpoints", policy, optimizer)
+    if d.is_main:
+        rundir.trim_logs(out, start)
+    dist.log(f"training {total} updates ({per_epoch} per epoch) on {len(problems)} problems, "
+             f"{d.world_size} process(es) on {d.device}; saliency weight {cfg.saliency.weight}")
+    return Run(cfg, d, out, task, problems, eval_problems, policy, inference, reference, optimizer, per_epoch,
+               total, start)
+
+
+def resume(cfg: RunConfig, ckpt_root: Path, policy, optimizer) -> int:
+    """Load the newest complete checkpoint into ``policy``/``optimizer`` when resuming; the updates it had done."""
+    if not cfg.checkpoint.resume or (loaded := checkpointing.load_latest(ckpt_root, policy, optimizer)) is None:
+        return 0
+    path, state = loaded  # the newest checkpoint that loads (damaged ones are skipped with a warning)
+    dist.log(f"resumed from {path} (update {state['update']})")
+    return state["update"]
+
+
+def make_optimizer(cfg: RunConfig, policy) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(policy.parameters(), lr=t.lr)
+    return torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
 
 @dataclass
@@ -108,84 +206,26 @@ def train(
 ) -> TrainResult:
     """Train ``policy`` on ``problems`` with GRPO (+ the AtMan saliency reward when ``cfg.saliency.weight > 0``).
 
-    Without ``policy``/``task``/``problems`` they come from the config (``model.name_or_path``, ``data.path``).
-    Tests pass tiny ones. ``on_update`` is called with every metrics record (rank 0).
+    Without ``policy``/``task``/``problems`` they come from the config (``model.name_or_path``, ``data.task``,
+    ``data.path``). Tests pass tiny ones. ``on_update`` is called with every metrics record (rank 0).
     """
-    d = dist.init()
-    validate(cfg, d.world_size)
-    out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
-    torch.manual_seed(cfg.train.seed)
-
-    # ---- model, task, data --------------------------------------------------------------------------------
-    if policy is None:
-        from atmanrl.model import load
-
-        policy, tokenizer = load(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
-        task = task or GSM8KTask(tokenizer)
-    elif task is None:
-        raise ValueError("train(policy=...) also needs task=...: the task knows the policy's tokenizer")
-    if problems is None:
-        problems = load_problems(cfg.data.path, cfg.data.synthetic_problems, cfg.data.seed, cfg.data.max_problems)
-    if eval_problems is None and cfg.eval.every > 0:
-        eval_problems = load_problems(cfg.eval.path, cfg.eval.problems, cfg.eval.seed)
-        if len(eval_problems) > cfg.eval.problems:  # the paper: 500 test problems drawn with a fixed seed
-            from atmanrl.data.gsm8k import draw_problems
-
-            eval_problems = draw_problems(eval_problems, cfg.eval.problems, cfg.eval.seed)
-    policy = policy.to(d.device)
-    reference = None
-    if cfg.grpo.kl_beta > 0:  # a frozen copy of the initial policy (the paper uses no KL term)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-
-    # The inference copy: a plain module for rollouts and saliency masks (the policy itself when not sharded).
-    mp_dtype = dist.mixed_precision_dtype(cfg.model.mixed_precision)
-    sharded = d.initialized
-    inference = copy.deepcopy(policy).to(mp_dtype or next(policy.parameters()).dtype) if sharded else policy
-    if sharded:
-        inference.requires_grad_(False)
-    policy = dist.shard(policy, cfg.model.mixed_precision)
-    optimizer = make_optimizer(cfg, policy)
-
-    # ---- schedule and resume ------------------------------------------------------------------------------
-    P, G = cfg.train.problems_per_update, cfg.rollout.group_size
-    per_epoch = len(problems) // P
-    if per_epoch == 0:
-        raise ValueError(f"{len(problems)} training problems are fewer than train.problems_per_update={P}")
-    total = per_epoch * cfg.train.epochs
-    if cfg.train.max_updates is not None:
-        total = min(total, cfg.train.max_updates)
-    ckpt_root = out / "checkpoints"
-    start = 0
-    if cfg.checkpoint.resume and (loaded := checkpointing.load_latest(ckpt_root, policy, optimizer)) is not None:
-        path, state = loaded  # the newest checkpoint that loads (damaged ones are skipped with a warning)
-        start = state["update"]
-        dist.log(f"resumed from {path} (update {start})")
-    dist.log(f"training {total} updates ({per_epoch} per epoch) on {len(problems)} problems, "
-             f"{d.world_size} process(es) on {d.device}; saliency weight {cfg.saliency.weight}")
-
-    records, t_begin, metrics_file = [], time.perf_counter(), out / "metrics.jsonl"
-    if d.is_main:
-        rundir.trim_logs(out, start)
-    if cfg.eval.every > 0 and start == 0:
-        gather_weights(policy, inference, sharded)
-        write_eval(out, 0, evaluate(inference, task, eval_problems, cfg))
-    for update in range(start, total):
-        epoch, k = divmod(update, per_epoch)
-        order = epoch_order(len(problems), cfg.data.seed, epoch)
-        batch = order[k * P:(k + 1) * P]
-        share = P // d.world_size
-        mine = batch[d.rank * share:(d.rank + 1) * share]  # contiguous block: rollout order = global order
+    run = build_run(cfg, policy, task, problems, eval_problems)
+    G = cfg.rollout.group_size
+    records, t_begin = [], time.perf_counter()
+    if cfg.eval.every > 0 and run.start == 0:
+        heldout_eval(run, 0)
+    for update in range(run.start, run.total):
+        epoch, mine = run.my_problems(update)
 
         # 1-2. Rollouts with the current policy; logp_old recorded by the generator.
         t0 = time.perf_counter()
-        gather_weights(policy, inference, sharded)
-        inference.eval()
-        rollouts: list[Rollout] = []
-        for i in mine:
-            rollouts += rollout_group(inference, task, problems[i], i, group_size=G,
+        run.refresh_inference()
+        with Progress("rollout", len(mine) * G, "sequences") as progress:
+            rollouts = rollout_update(run.inference, run.task, [run.problems[i] for i in mine], mine, group_size=G,
                                       max_new_tokens=cfg.rollout.max_new_tokens,
                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                      generator=sampling_generator(cfg.train.seed, update, i, d.device))
+                                      seed=cfg.train.seed, update=update, device=run.d.device)
+            progress.advance(len(rollouts), tokens=sum(len(r.completion) for r in rollouts))
         t_rollout = time.perf_counter() - t0
 
         # 3. Outcome reward (Eq. 4).
@@ -196,7 +236,7 @@ def train(
         # 4. Saliency reward (Eq. 2-3), skipped for the baseline arm.
         t0 = time.perf_counter()
         if cfg.saliency.weight != 0:
-            saliency_rewards(inference, rollouts, cfg, G)
+            saliency_rewards(run.inference, rollouts, cfg, G)
         t_saliency = time.perf_counter() - t0
 
         # 5. Total reward and group advantages (Eq. 5's baseline); a group lives on one rank.
@@ -206,45 +246,35 @@ def train(
         for r, tot, a in zip(rollouts, rewards.tolist(), advantages.flatten().tolist()):
             r.total, r.advantage = tot, a
 
-        # 6. Policy update: ppo_epochs passes, each in num_minibatches optimizer steps.
+        # 6. Policy update (Eq. 5): ppo_epochs passes, each in num_minibatches optimizer steps.
         t0 = time.perf_counter()
-        policy.train()
-        ref_logp = reference_logprobs(reference, rollouts, cfg, task.pad_id) if reference is not None else None
-        losses, stats, grad_norms = policy_update(policy, optimizer, rollouts, ref_logp, cfg, task.pad_id,
-                                                  P * G // cfg.train.num_minibatches)
+        losses, stats, grad_norms = policy_update(run, rollouts)
         t_update = time.perf_counter() - t0
 
-        # 7. Metrics, progress, checkpoint.
-        record = metrics_record(update + 1, epoch, rollouts, zero_var, losses, stats, grad_norms,
-                                (t_rollout, t_saliency, t_update))
-        if d.is_main:
-            with metrics_file.open("a") as f:
+        # 7. Metrics, progress, held-out evaluation, checkpoint.
+        done = update + 1
+        record = update_record(done, epoch, rollouts, zero_var, losses, stats, grad_norms,
+                               {"time_rollout": t_rollout, "time_saliency": t_saliency, "time_update": t_update})
+        records.append(record)
+        if run.d.is_main:
+            with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if on_update is not None:
                 on_update(record)
-        records.append(record)
-        progress(record, update + 1 - start, total - start, time.perf_counter() - t_begin, total)
-        done = update + 1
-        if cfg.eval.every > 0 and (done % cfg.eval.every == 0 or done == total):
-            gather_weights(policy, inference, sharded)
-            write_eval(out, done, evaluate(inference, task, eval_problems, cfg))
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
-            checkpointing.save(ckpt_root, done, policy, optimizer,
-                               {"epoch": done // per_epoch, "seed": cfg.data.seed, "position": done % per_epoch},
-                               keep=cfg.checkpoint.keep)
+        log_update(record, done - run.start, run.total - run.start, time.perf_counter() - t_begin, run.total)
+        if cfg.eval.every > 0 and (done % cfg.eval.every == 0 or done == run.total):
+            heldout_eval(run, done)
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == run.total:
+            save_checkpoint(run, done)
         if cfg.checkpoint.stop_after is not None and done >= cfg.checkpoint.stop_after:
             dist.log(f"stopping after update {done} (checkpoint.stop_after)")
-            rundir.release(out)
-            return TrainResult(done, records, out, policy)
+            rundir.release(run.out)
+            return TrainResult(done, records, run.out, run.policy)
 
-    if cfg.checkpoint.export and total > 0:
-        gather_weights(policy, inference, sharded)
-        if d.is_main:
-            path = checkpointing.export_hf(inference, out / "policy", getattr(task, "tokenizer", None))
-            dist.log(f"exported the policy to {path} (Hugging Face safetensors)")
-        dist.barrier()
-    rundir.release(out)
-    return TrainResult(total, records, out, policy)
+    if cfg.checkpoint.export and run.total > 0:
+        export_policy(run)
+    rundir.release(run.out)
+    return TrainResult(run.total, records, run.out, run.policy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,39 +282,37 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(cfg: RunConfig, policy) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(policy.parameters(), lr=t.lr)
-    return torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-
-
-def gather_weights(policy, inference, sharded: bool) -> None:
-    """Refresh the inference copy from the (sharded) policy; nothing to do when they are the same module."""
-    if sharded:
-        dist.gather_into(policy, inference)
-
-
 def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> None:
-    """Eq. 2-3 for every rollout that wrote an answer; neutral (group mean) for those that did not.
+    """Eq. 2-3 for every rollout that wrote an answer; neutral (its group's mean) for those that did not.
 
-    One ``saliency`` call per group: its rollouts share the prompt, which the saliency module computes once.
+    One ``saliency`` call for all of the rank's answered rollouts (the saliency module batches them by
+    ``saliency.max_batch`` and computes each distinct prompt once). A rollout without an answer (truncated) or
+    with a degenerate mask gets the mean saliency reward of its group's valid ones (0 if none), so that only its
+    outcome moves its advantage (see atmanrl/rl/rollout.py).
+
+    Which rollouts share a batch changes a reward only at float rounding (padding changes the matmul shapes), and
+    a rank's batch depends on the number of ranks: with the saliency arm on, runs on different numbers of ranks
+    agree up to rounding, not bit for bit (a resume still repeats exactly).
     """
     from atmanrl.saliency import saliency
 
     config = cfg.saliency  # a SaliencyConfig (extended by the reward weight, which saliency() does not read)
+    todo = [r for r in rollouts if r.score.saliency_input is not None]
+    results = []
+    if todo:
+        with Progress("saliency", len(todo), "sequences") as progress:
+            # on_step runs after every optimiser step of a batch: a batch of B sequences has done B/steps of them
+            results = saliency(model, [r.score.saliency_input for r in todo], config,
+                               on_step=lambda step, mask, losses: progress.advance(len(losses) / config.steps))
+    for r, res in zip(todo, results):
+        r.saliency_result = res
+        r.saliency = res.reward if res.ok else 0.0
     for g in range(0, len(rollouts), G):
         group = rollouts[g:g + G]
-        todo = [r for r in group if r.score.saliency_input is not None]
-        results = saliency(model, [r.score.saliency_input for r in todo], config) if todo else []
-        for r, res in zip(todo, results):
-            r.saliency = res.reward if res.ok else 0.0
-            r.extra = {"saliency_status": res.status, "initial_loss": res.initial_loss,
-                       "unmasked_loss": res.unmasked_loss, "saturated": res.saturated}
-        scored = [r.saliency for r in todo if r.extra.get("saliency_status") == "ok"]
-        neutral = sum(scored) / len(scored) if scored else 0.0
-        for r in group:  # no answer (truncated) or a degenerate mask: neutral, see rl/rollout.py
-            if r.extra.get("saliency_status") != "ok":
+        valid = [r.saliency for r in group if r.saliency_result is not None and r.saliency_result.ok]
+        neutral = sum(valid) / len(valid) if valid else 0.0
+        for r in group:
+            if r.saliency_result is None or not r.saliency_result.ok:
                 r.saliency = neutral
 
 
@@ -317,142 +345,96 @@ def _carries_signal(chunk: list[Rollout]) -> bool:
     return bool(dist.all_reduce(local, "max").item())
 
 
-def _fill_missing_grads(policy) -> None:
-    for p in policy.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
-def policy_update(policy, optimizer, rollouts: list[Rollout], ref_logp, cfg: RunConfig, pad_id: int,
-                  global_count: int) -> tuple[list[float], LossStats, list[float]]:
+def policy_update(run: Run, rollouts: list[Rollout]) -> tuple[list[float], LossStats, list[float]]:
     """``ppo_epochs`` passes of ``num_minibatches`` AdamW steps over this rank's rollouts (Eq. 5).
 
     Returns the global loss of every optimizer step, the pooled ratio statistics (of the micro-batches that were
     computed) and the gradient norms. A micro-batch whose rollouts all have advantage 0 (zero-variance groups,
     e.g. every rollout truncated) contributes exactly 0 to the gradient and is skipped (with kl_beta 0).
     """
+    cfg, policy, optimizer, pad_id = run.cfg, run.policy, run.optimizer, run.task.pad_id
     t, g = cfg.train, cfg.grpo
     device = next(policy.parameters()).device
-    M = t.num_minibatches
+    M, mb = t.num_minibatches, t.micro_batch_size
+    global_count = t.problems_per_update * cfg.rollout.group_size // M  # rollouts per minibatch, all ranks
+    ref_logp = reference_logprobs(run.reference, rollouts, cfg, pad_id) if run.reference is not None else None
+    policy.train()
     losses, grad_norms, stats = [], [], LossStats()
+    micro_batches = t.ppo_epochs * sum(math.ceil(len(range(m, len(rollouts), M)) / mb) for m in range(M))
     optimizer.zero_grad(set_to_none=True)  # nothing may leak in from the rollout/saliency phase
-    for _ in range(t.ppo_epochs):
-        for m in range(M):
-            rows = list(range(m, len(rollouts), M))  # strided minibatch: see the module docstring
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for s in range(0, len(rows), t.micro_batch_size):
-                chunk = [rollouts[i] for i in rows[s:s + t.micro_batch_size]]
-                if g.kl_beta == 0 and not _carries_signal(chunk):
-                    continue  # all advantages 0 on every rank: the gradient is exactly 0, skip the forward
-                logp, mask = sequence_logprobs(policy, [r.prompt for r in chunk], [r.completion for r in chunk],
-                                               temperature=cfg.rollout.temperature, pad_id=pad_id)
-                width = logp.shape[1]
-                logp_old = _pad([r.logp_old for r in chunk], width, device)
-                ref = _pad([ref_logp[i] for i in rows[s:s + t.micro_batch_size]], width, device) \
-                    if ref_logp is not None else None
-                adv = torch.tensor([r.advantage for r in chunk], device=device)
-                loss, st = grpo_loss(logp, logp_old, mask, adv, eps=g.eps, ratio=g.ratio, count=global_count,
-                                     ref_logp=ref, kl_beta=g.kl_beta)
-                loss.backward()
-                step_loss += loss.detach().double().cpu()
-                stats = stats.add(st)
-            _fill_missing_grads(policy)  # skipped micro-batches: an exact zero, so AdamW still steps as usual
-            if t.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), t.grad_clip)
-                grad_norms.append(float(dist.full_tensor(norm)))
-            losses.append(float(dist.all_reduce(step_loss)))
-            checkpointing.check_finite(losses[-1], policy, f"optimizer step {len(losses)} of this update")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    with Progress("policy update", micro_batches, "micro-batches") as progress:
+        for _ in range(t.ppo_epochs):
+            for m in range(M):
+                rows = list(range(m, len(rollouts), M))  # strided minibatch: see the module docstring
+                step_loss = torch.zeros((), dtype=torch.float64)
+                for s in range(0, len(rows), mb):
+                    chunk = [rollouts[i] for i in rows[s:s + mb]]
+                    if g.kl_beta == 0 and not _carries_signal(chunk):
+                        progress.advance()
+                        continue  # all advantages 0 on every rank: the gradient is exactly 0, skip the forward
+                    logp, mask = sequence_logprobs(policy, [r.prompt for r in chunk], [r.completion for r in chunk],
+                                                   temperature=cfg.rollout.temperature, pad_id=pad_id)
+                    width = logp.shape[1]
+                    logp_old = _pad([r.logp_old for r in chunk], width, device)
+                    ref = _pad([ref_logp[i] for i in rows[s:s + mb]], width, device) if ref_logp is not None else None
+                    adv = torch.tensor([r.advantage for r in chunk], device=device)
+                    loss, st = grpo_loss(logp, logp_old, mask, adv, eps=g.eps, ratio=g.ratio, count=global_count,
+                                         ref_logp=ref, kl_beta=g.kl_beta)
+                    loss.backward()
+                    step_loss += loss.detach().double().cpu()
+                    stats = stats.add(st)
+                    progress.advance(tokens=sum(len(r.completion) for r in chunk))
+                losses.append(float(dist.all_reduce(step_loss)))
+                grad_norm = optimizer_step(policy, optimizer, cfg, losses[-1], f"optimizer step {len(losses)} of this update")
+                if grad_norm is not None:
+                    grad_norms.append(grad_norm)
     return losses, stats, grad_norms
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation (Figure 2: accuracy and response length on held-out problems during training)
-# ---------------------------------------------------------------------------------------------------------------
+def optimizer_step(policy, optimizer, cfg: RunConfig, loss: float, where: str) -> float | None:
+    """One optimizer step on the accumulated gradients; returns the global gradient norm when clipping.
+
+    A non-finite loss or gradient stops the run here, before the step could write NaN into the weights."""
+    for p in policy.parameters():  # skipped micro-batches: an exact zero, so AdamW still steps as usual
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    norm = None
+    if cfg.train.grad_clip is not None:
+        norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)))
+    checkpointing.check_finite(loss, policy, where)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
-@torch.no_grad()
-def evaluate(model, task: Task, problems: list, cfg: RunConfig) -> dict:
-    """Greedy completions of this rank's share of ``problems``; global accuracy and mean lengths."""
-    d = dist.info()
-    model.eval()
-    mine = problems[d.rank::d.world_size]
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    sums = torch.zeros(4, dtype=torch.float64)  # n, correct, completion tokens, cot tokens
-    for s in range(0, len(mine), 8):
-        chunk = mine[s:s + 8]
-        prompts = [task.prompt(p) for p in chunk]
-        for p, prompt, c in zip(chunk, prompts, generate(model, prompts, max_new_tokens=max_new, greedy=True,
-                                                         stop_ids=task.stop_ids, pad_id=task.pad_id)):
-            score = task.score(p, prompt, c.tokens)
-            sums += torch.tensor([1, score.correct, len(c.tokens), score.cot_tokens], dtype=torch.float64)
-    n, correct, length, cot = dist.all_reduce(sums).tolist()
-    return {"eval_accuracy": correct / max(n, 1), "eval_completion_len": length / max(n, 1),
-            "eval_cot_len": cot / max(n, 1), "eval_problems": int(n)}
+def heldout_eval(run: Run, update: int) -> None:
+    """The held-out evaluation after ``update`` updates, appended to eval.jsonl (collective)."""
+    run.refresh_inference()
+    max_new = run.cfg.eval.max_new_tokens or run.cfg.rollout.max_new_tokens
+    append_heldout(run.out, update, evaluate_heldout(run.inference, run.task, run.eval_problems,
+                                                     max_new_tokens=max_new))
 
 
-def write_eval(out: Path, update: int, result: dict) -> None:
-    if dist.info().is_main:
-        with (out / "eval.jsonl").open("a") as f:
-            f.write(json.dumps({"update": update, **result}) + "\n")
-        dist.log(f"[eval @ update {update}] accuracy {result['eval_accuracy']:.3f}, "
-                 f"mean response {result['eval_completion_len']:.1f} tokens")
+def save_checkpoint(run: Run, done: int) -> None:
+    checkpointing.save(run.ckpt_root, done, run.policy, run.optimizer,
+                       {"epoch": done // run.per_epoch, "seed": run.cfg.data.seed, "position": done % run.per_epoch},
+                       keep=run.cfg.checkpoint.keep)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Observability
-# ---------------------------------------------------------------------------------------------------------------
+def export_policy(run: Run) -> None:
+    """The final policy as a Hugging Face safetensors directory (out_dir/policy), with the task's tokenizer."""
+    run.refresh_inference()
+    if run.d.is_main:
+        path = checkpointing.export_hf(run.inference, run.out / "policy", getattr(run.task, "tokenizer", None))
+        dist.log(f"exported the policy to {path} (Hugging Face safetensors)")
+    dist.barrier()
 
 
-def metrics_record(update: int, epoch: int, rollouts: list[Rollout], zero_var: torch.Tensor, losses, stats: LossStats,
-                   grad_norms, times) -> dict:
-    """One JSON-able dict per update, summed over ranks (rank-local sums, then one all-reduce)."""
-    answered = [r for r in rollouts if r.score.has_answer]
-    local = torch.tensor([
-        len(rollouts), sum(r.outcome for r in rollouts), sum(r.saliency for r in rollouts),
-        sum(r.total for r in rollouts), sum(r.score.correct for r in rollouts), len(answered),
-        sum(r.score.cot_tokens for r in answered), sum(len(r.completion) for r in rollouts),
-        sum(not r.finished for r in rollouts), float(zero_var.sum()), float(zero_var.numel()),
-        stats.units, stats.clipped, stats.ratio_sum, stats.kl_sum,
-        sum(bool(r.extra.get("saturated")) for r in rollouts),
-    ], dtype=torch.float64)
-    (n, outcome, sal, tot, correct, n_answered, cot, length, truncated, zv, groups, units, clipped, ratio_sum,
-     kl, saturated) = dist.all_reduce(local).tolist()
-    rmin = dist.all_reduce(torch.tensor([stats.ratio_min], dtype=torch.float64), "min").item()
-    rmax = dist.all_reduce(torch.tensor([stats.ratio_max], dtype=torch.float64), "max").item()
-    t = dist.all_reduce(torch.tensor(times, dtype=torch.float64), "max").tolist()  # the slowest rank sets the pace
-    record = {
-        "update": update, "epoch": epoch,
-        "reward_outcome": outcome / n, "reward_saliency": sal / n, "reward_total": tot / n,
-        "accuracy": correct / n, "answered": n_answered / n, "truncated": truncated / n,
-        "cot_len": cot / max(n_answered, 1), "completion_len": length / n,
-        "zero_variance_groups": int(zv), "groups": int(groups),
-        "loss": sum(losses) / max(len(losses), 1), "losses": losses,  # the global loss of every optimizer step
-        # ratio statistics are null when no micro-batch carried a gradient (every group zero-variance)
-        "clip_fraction": clipped / max(units, 1), "ratio_mean": ratio_sum / units if units else None,
-        "ratio_min": rmin if units else None, "ratio_max": rmax if units else None,
-        "time_rollout": t[0], "time_saliency": t[1], "time_update": t[2],
-        "tokens_per_s": length / max(t[0], 1e-9),
-    }
-    if kl:
-        record["kl"] = kl / n
-    if grad_norms:
-        record["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    record["saliency_saturated"] = int(saturated)  # rollouts whose answer loss was ~0 before the mask moved
-    return record
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def progress(r: dict, done: int, todo: int, elapsed: float, total: int) -> None:
+def log_update(r: dict, done: int, todo: int, elapsed: float, total: int) -> None:
+    """The update line on rank 0 (the full record is in metrics.jsonl)."""
     eta = elapsed / done * (todo - done) if done else math.nan
     dist.log(f"[update {r['update']}/{total} epoch {r['epoch']}] acc {r['accuracy']:.3f} "
              f"R_out {r['reward_outcome']:+.3f} R_sal {r['reward_saliency']:+.4f} len {r['completion_len']:.0f} "
              f"clip {r['clip_fraction']:.3f} zero-var {r['zero_variance_groups']}/{r['groups']} | "
              f"rollout {r['time_rollout']:.1f}s saliency {r['time_saliency']:.1f}s update {r['time_update']:.1f}s "
-             f"| ETA {_hms(eta)}")
+             f"| ETA {hms(eta)}")
