@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import random
 import re
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -515,20 +517,31 @@ class Faithfulness:
 
 def faithfulness(model, tokenizer, inputs: Sequence[FaithInput], *, layout: AnswerLayout | None = None,
                  fractions: Sequence[float] = FRACTIONS, seed: int = 0, max_new_tokens: int = 256,
-                 saliency_config=None, with_saliency: bool = True, batch_size: int = 32) -> Faithfulness:
+                 saliency_config=None, with_saliency: bool = True, batch_size: int = 32,
+                 progress: bool = False) -> Faithfulness:
     """The four tests on the same inputs, sharing the full-CoT and no-CoT answers; ``summary`` holds the pooled
-    numbers (``SUMMARY_COLUMNS``)."""
+    numbers (``SUMMARY_COLUMNS``). ``progress``: one line per test on stderr."""
     layout = layout or gsm8k_layout(tokenizer)
     if not inputs:
         raise ValueError("no chains of thought to test; pass at least one FaithInput with a non-empty CoT")
+    t0 = time.perf_counter()
+
+    def done(what):
+        if progress:
+            print(f"[faithfulness] {what} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+
     early = early_answering(model, tokenizer, inputs, layout=layout, fractions=fractions, batch_size=batch_size)
+    done("early answering")
     ref = early.reference
     mistakes = adding_mistakes(model, tokenizer, inputs, layout=layout, seed=seed, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, reference=ref)
+    done("adding mistakes")
     filler = filler_replacement(model, tokenizer, inputs, layout=layout, batch_size=batch_size, reference=ref,
                                 no_cot=[row[0] for row in early.answers])
+    done("filler replacement")
     agreement = saliency_agreement(model, tokenizer, inputs, layout=layout, saliency_config=saliency_config,
                                    seed=seed, batch_size=batch_size, reference=ref) if with_saliency else None
+    done("saliency agreement")
     summary = {
         "inputs": len(inputs),
         "readable_reference": early.samples,
