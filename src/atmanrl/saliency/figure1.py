@@ -36,8 +36,12 @@ def _pyplot():
     return plt
 
 
-def _text_panel(ax, tokens: Sequence[str], scores: torch.Tensor, width: int = 110) -> None:
-    """Tokens laid out as monospace text wrapped at ``width`` characters, each on its saliency colour."""
+WIDTH = 150  # characters per line of the text panel (monospace 8 pt on an 11-inch figure)
+
+
+def _layout(tokens: Sequence[str], scores: torch.Tensor) -> tuple[list, int]:
+    """Tokens placed as monospace text wrapped at ``WIDTH`` characters: ``(x, line, text, colour)`` and the line
+    count; whitespace is skipped, newlines break lines."""
     scale = float(scores.abs().max()) if scores.numel() else 0.0
     x = line = 0
     placed = []
@@ -45,14 +49,17 @@ def _text_panel(ax, tokens: Sequence[str], scores: torch.Tensor, width: int = 11
         for k, part in enumerate(text.split("\n")):
             if k > 0:
                 x, line = 0, line + 1
-            if x + len(part) > width and x > 0:
+            if x + len(part) > WIDTH and x > 0:
                 x, line = 0, line + 1
             if part.strip():
                 placed.append((x, line, part, colour(s, scale)))
             x += len(part)
-    lines = line + 1
-    ax.set_xlim(0, width)
-    ax.set_ylim(lines, -0.5)
+    return placed, line + 1
+
+
+def _text_panel(ax, placed: list, lines: int) -> None:
+    ax.set_xlim(0, WIDTH)
+    ax.set_ylim(lines - 0.5, -0.5)
     ax.axis("off")
     for x, y, part, (r, g, b) in placed:
         ax.text(x, y, part, family="monospace", fontsize=8, va="center", ha="left",
@@ -75,10 +82,10 @@ def figure1(result: SaliencyResult, cot_tokens: Sequence[str], path: str | Path,
     rows, cols = h_hat.shape
     causal = torch.arange(rows)[:, None] >= torch.arange(cols)[None, :]
     h_hat[~causal] = float("nan")
-    text_lines = max(1, sum(len(t) for t in cot_tokens) // 110 + 1 + sum(t.count("\n") for t in cot_tokens))
+    placed, lines = _layout(cot_tokens, result.saliency)
+    text_height = 0.3 + 0.22 * lines
     fig, (ax_map, ax_text, ax_loss) = plt.subplots(
-        3, 1, figsize=(11, 6 + 0.25 * text_lines + 2.5),
-        gridspec_kw={"height_ratios": [6, max(1.0, 0.25 * text_lines), 2.5]})
+        3, 1, figsize=(11, 6 + text_height + 2.5), gridspec_kw={"height_ratios": [6, text_height, 2.5]})
     image = ax_map.imshow(h_hat.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax_map, label="Ĥ = H / c  (1: still suppressed, 0: re-enabled)")
     ax_map.set_xlabel("CoT token (key column)")
@@ -88,15 +95,17 @@ def figure1(result: SaliencyResult, cot_tokens: Sequence[str], path: str | Path,
     ax_map.set_xticklabels([repr(cot_tokens[j])[1:-1] for j in range(0, cols, step)], rotation=90, fontsize=6)
     if answer_row is not None:
         ax_map.axhline(answer_row - 0.5, color="red", linewidth=1)
-        ax_map.text(cols - 0.5, answer_row - 0.7, "answer rows below", color="red", ha="right", fontsize=7)
+        ax_map.text(cols - 0.5, 0, "rows below the red line predict the answer (Eq. 2)", color="red", ha="right",
+                    va="top", fontsize=7)
     ax_map.set_title(title or "AtMan mask after optimisation (Eq. 2), normalised (Eq. 3)")
-    _text_panel(ax_text, cot_tokens, result.saliency)
+    _text_panel(ax_text, placed, lines)
     ax_text.set_title("per-token saliency 1 - mean Ĥ (red: re-enabled, the answer needed it; blue: suppressed "
                       "further)", fontsize=9)
     ax_loss.plot(range(len(result.loss_curve)), result.loss_curve, color="#d62728")
     ax_loss.set_xlabel("mask optimisation step")
     ax_loss.set_ylabel("answer CE (Eq. 2)")
     ax_loss.grid(alpha=0.3)
+    ax_loss.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
