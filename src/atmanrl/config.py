@@ -62,7 +62,7 @@ class SaliencyRewardConfig:
     weight_decay: float = 0.05
     init: float = -0.4  # c, the initial mask value
     scale: float = 10.0  # bias = scale * min(p, 0)
-    reward: Literal["reenable", "eq3"] = "reenable"  # DESIGN.md decision 4
+    reward: Literal["reenable", "eq3"] = "reenable"  # docs/DESIGN.md, decision 4
     max_batch: int | None = None  # rollouts per mask-optimisation batch (memory); None: a whole group at once
 
 
