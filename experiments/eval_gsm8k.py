@@ -15,6 +15,11 @@ so the two files never share a path. Both paths are checked for writing before t
 replacement, saliency agreement) on one CoT per problem (the first sample that wrote ``#####``, else the first
 sample): their per-sample records go into the JSON (``"faithfulness"``) and their summary into a second table.
 
+``--task NAME`` (with ``--faithfulness``) runs the faithfulness tests on another task of the trainer's task registry
+(``atmanrl.data.tasks``) whose completions have the same CoT / ``#####`` / number layout, e.g. the toy world's
+policies: one CoT is sampled per problem through the task's own prompt, and Table 1 (a GSM8K table) is skipped.
+``--filler`` names the filler text for a vocabulary without ``...``.
+
 ``--compare`` reads two such files (baseline first) and prints Table 1 with the relative and percentage-point
 changes, as the paper shows it, and the faithfulness table of both arms when both files have one.
 Progress goes to stderr; the tables to stdout.
@@ -102,6 +107,9 @@ def parse_args(argv=None):
                     help="NAME.json or NAME.md: writes NAME.json (every sample) and NAME.md (the tables)")
     ap.add_argument("--faithfulness", action="store_true",
                     help="also run the faithfulness tests (atmanrl.eval.faithfulness) on one CoT per problem")
+    ap.add_argument("--task", default="gsm8k",
+                    help="another task of atmanrl.data.tasks to run the faithfulness tests on (needs --faithfulness)")
+    ap.add_argument("--filler", default="...", help="filler text of the filler-replacement test (default: ...)")
     ap.add_argument("--saliency-steps", type=_number(int, "--saliency-steps", "mask steps", 1), default=20,
                     help="mask steps of the saliency-agreement test (lr 1e-3 * 200 / steps; the paper: 200)")
     ap.add_argument("--compare", nargs=2, metavar=("BASELINE_JSON", "ATMANRL_JSON"),
@@ -109,6 +117,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.top_p > 1:
         ap.error(f"argument --top-p: must be <= 1 (nucleus mass), got {args.top_p}")
+    if args.task != "gsm8k" and not args.faithfulness:
+        ap.error(f"argument --task: --task {args.task} runs only the faithfulness tests; add --faithfulness")
     return args
 
 
@@ -126,9 +136,11 @@ def compare(paths: list[str]) -> str:
     labels = [r["label"] for r in results]
     if labels[0] == labels[1]:
         labels = [f"{label} ({Path(p).stem})" for label, p in zip(labels, paths)]
-    # The paper lists AtManRL above the baseline.
-    out = [table1_markdown([(labels[1], results[1]["summary"]), (labels[0], results[0]["summary"])],
-                           baseline=labels[0])]
+    # The paper lists AtManRL above the baseline. Files of a --task other than gsm8k have no Table 1.
+    out = []
+    if all("summary" in r for r in results):
+        out.append(table1_markdown([(labels[1], results[1]["summary"]), (labels[0], results[0]["summary"])],
+                                   baseline=labels[0]))
     faith = [r.get("faithfulness") for r in results]
     if all(faith):
         out.append(faithfulness_markdown([(labels[1], faith[1]["summary"]), (labels[0], faith[0]["summary"])],
@@ -137,6 +149,62 @@ def compare(paths: list[str]) -> str:
         print("[eval] only one of the files has faithfulness results (--faithfulness); no faithfulness table",
               file=sys.stderr)
     return "\n\n".join(out)
+
+
+def run_faithfulness(args, model, tokenizer, inputs):
+    """The four faithfulness tests on ``inputs`` (None, with a message, when there is no CoT to test)."""
+    from atmanrl.eval.faithfulness import faithfulness, gsm8k_layout
+    from atmanrl.saliency import SaliencyConfig
+
+    if not inputs:
+        print("[eval] no sample wrote a chain of thought: no faithfulness tests", file=sys.stderr)
+        return None
+    try:
+        layout = gsm8k_layout(tokenizer, filler=args.filler)
+    except ValueError as e:
+        raise SystemExit(f"--filler: {e}") from None
+    print(f"[eval] faithfulness tests on {len(inputs)} CoTs", file=sys.stderr)
+    return faithfulness(model, tokenizer, inputs, layout=layout, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                        saliency_config=SaliencyConfig.compressed(args.saliency_steps), batch_size=args.batch_size,
+                        progress=True)
+
+
+def other_task(args, json_path: Path, md_path: Path) -> None:
+    """``--task NAME --faithfulness``: one sampled CoT per problem of a registry task, then the faithfulness tests."""
+    try:
+        from atmanrl.data.tasks import make_task, task_entry
+    except ImportError:
+        raise SystemExit(f"--task {args.task}: this installation has no task registry (atmanrl.data.tasks); "
+                         f"only --task gsm8k is available") from None
+    from atmanrl.config import ConfigError
+    from atmanrl.data import draw_problems
+    from atmanrl.eval.faithfulness import faithfulness_markdown, gsm8k_layout, task_inputs
+    from atmanrl.model import load
+
+    try:
+        entry = task_entry(args.task)
+    except ConfigError as e:
+        raise SystemExit(f"--task: {e}") from None
+    problems = entry.problems(args.data, args.n, args.seed)
+    if len(problems) > args.n:
+        problems = draw_problems(problems, args.n, args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model, dtype=torch.float32)
+    model.eval()
+    task = make_task(args.task, tokenizer)
+    inputs = task_inputs(model, tokenizer, task, problems, gsm8k_layout(tokenizer, filler=args.filler),
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                         batch_size=args.batch_size)
+    label = args.label or Path(args.model).name
+    faith = run_faithfulness(args, model, tokenizer, inputs)
+    result = {"label": label, "model": args.model, "task": args.task, "data": args.data, "args": vars(args),
+              "faithfulness": faith.to_dict() if faith is not None else None}
+    table = faithfulness_markdown([(label, faith.summary)]) if faith is not None else "(no CoT to test)"
+    json_path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    md_path.write_text(table + "\n", encoding="utf-8")
+    print(f"[eval] wrote {json_path} and {md_path}", file=sys.stderr)
+    print(table)
 
 
 def main(argv=None):
@@ -151,6 +219,8 @@ def main(argv=None):
 
     json_path, md_path = output_paths(args.out)
     check_writable([json_path, md_path])
+    if args.task != "gsm8k":
+        return other_task(args, json_path, md_path)
     if args.data:
         pool = read_gsm8k(args.data)
         if args.n > len(pool):
@@ -173,19 +243,13 @@ def main(argv=None):
     tables = [table1_markdown([(label, result["summary"])])]
 
     if args.faithfulness:
-        from atmanrl.eval.faithfulness import faithfulness, faithfulness_markdown, inputs_from_samples
-        from atmanrl.saliency import SaliencyConfig
+        from atmanrl.eval.faithfulness import faithfulness_markdown, inputs_from_samples
 
         inputs = inputs_from_samples(tokenizer, result["samples"], lambda s: build_prompt(tokenizer, s["question"]))
-        if inputs:
-            print(f"[eval] faithfulness tests on {len(inputs)} CoTs", file=sys.stderr)
-            faith = faithfulness(model, tokenizer, inputs, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                                 saliency_config=SaliencyConfig.compressed(args.saliency_steps),
-                                 batch_size=args.batch_size, progress=True)
+        faith = run_faithfulness(args, model, tokenizer, inputs)
+        if faith is not None:
             result["faithfulness"] = faith.to_dict()
             tables.append(faithfulness_markdown([(label, faith.summary)]))
-        else:
-            print("[eval] no sample wrote a chain of thought: no faithfulness tests", file=sys.stderr)
 
     json_path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     md_path.write_text("\n\n".join(tables) + "\n", encoding="utf-8")

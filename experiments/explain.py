@@ -14,8 +14,8 @@ mask as a heat map of query rows x CoT columns, the per-token saliency over the 
 computed alongside unless ``--no-atman``.
 
 Default schedule: the paper's 200 steps at lr 1e-3 take minutes on a CPU, so on a CPU the default is the
-compressed schedule ``SaliencyConfig.compressed(20)`` (20 steps at lr 1e-2: 10x less time, per-token saliency with
-Spearman rho 0.93 against the 200-step result in ``benchmarks/README.md``); it says so when it runs.
+compressed schedule ``SaliencyConfig.compressed(20)`` (20 steps at lr 1e-2: 10x less time; how close its per-token
+saliency comes to the 200-step result is measured in ``benchmarks/README.md``); it says so when it runs.
 ``--steps 200`` gives the paper's setting (lr defaults to 1e-3 * 200 / steps). ``--steps`` must be at least 1 and
 ``--lr`` a positive number: a 0 is refused, never replaced by a default.
 """

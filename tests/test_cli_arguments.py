@@ -111,3 +111,39 @@ def test_explain_refuses_bad_device_and_out(argv, message, no_model):
 def test_explain_refuses_an_existing_directory_as_out(tmp_path, no_model):
     with pytest.raises(SystemExit, match="is a directory"):
         script("explain").main(["--out", str(tmp_path), "--device", "cpu"])
+
+
+def test_eval_task_needs_faithfulness_and_a_registry_entry(capsys, no_model, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        script("eval_gsm8k").main(["--task", "toyworld", "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "add --faithfulness" in capsys.readouterr().err
+    import sys
+    import types
+
+    from atmanrl.config import ConfigError
+
+    registry = types.ModuleType("atmanrl.data.tasks")  # the trainer's task registry, as it lists unknown names
+
+    def task_entry(name):
+        raise ConfigError(f"data.task: unknown task {name!r}; valid tasks are: gsm8k")
+
+    registry.task_entry, registry.make_task = task_entry, None
+    monkeypatch.setitem(sys.modules, "atmanrl.data.tasks", registry)
+    with pytest.raises(SystemExit, match="--task: data.task: unknown task 'nope'; valid tasks are: gsm8k"):
+        script("eval_gsm8k").main(["--task", "nope", "--faithfulness", "--out", str(tmp_path / "r.json")])
+
+
+def test_compare_shows_both_arms_faithfulness(tmp_path, capsys):
+    summary = {"k": 4, "avg_cot_tokens": 200.0, "numbers_pct": 10.0, "stop_words_pct": 30.0, "symbols_pct": 5.0,
+               "pass_at_k": 90.0, "accuracy": 70.0}
+    faith = {"readable_reference": 5, "early_aoc": 0.2, "mistake_changed": 0.4, "mistake_control_changed": 0.1,
+             "cot_accuracy": 0.5, "filler_accuracy": 0.1, "no_cot_accuracy": 0.0, "saliency_auroc": 0.6,
+             "saliency_top1": 0.2, "fractions": [0, 0.5, 1], "early_curve": [0.6, 1.0, 1.0]}
+    better = dict(faith, early_aoc=0.5, mistake_changed=0.7)
+    for name, f in [("base", faith), ("ours", better)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"label": name, "summary": summary, "samples": [],
+                                                           "faithfulness": {"summary": f}}))
+    script("eval_gsm8k").main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "ours.json")])
+    out = capsys.readouterr().out
+    assert "| ours | 5 | 0.50 (+0.30) | 70.0 (+30.0 pp) | 10.0 (+0.0 pp) |" in out
+    assert "| base | 5 | 0.20 | 40.0 | 10.0 |" in out and "| ours | 60 % | 100 % | 100 % |" in out

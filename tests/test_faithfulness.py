@@ -131,6 +131,31 @@ def test_filler_replacement_accuracy_against_real_and_no_cot(monkeypatch):
     assert F.filler_cot(COT, TOK.encode("...")) == [TOK.token_id("...")] * len(COT)
 
 
+def test_task_inputs_take_the_cot_before_the_delimiter(monkeypatch):
+    """Any trainer Task (prompt / stop_ids / pad_id) gives the inputs: here a word-level one like the toy world's."""
+
+    class Task:
+        stop_ids, pad_id = [TOK.eos_id], 0
+
+        def prompt(self, problem):
+            return TOK.encode(f"<user> what is {problem.var} ?")
+
+    class Problem:
+        def __init__(self, var, gold):
+            self.var, self.gold = var, gold
+
+    monkeypatch.setattr(F, "generate", lambda model, prompts, **kw: [
+        Completion(TOK.encode(text) + [TOK.eos_id], [], True)
+        for text in ["x = 3 . w = 13 ##### 13", "x = 4 .", "##### 2"]][: len(prompts)])
+    layout = F.gsm8k_layout(TOK)
+    got = F.task_inputs(None, TOK, Task(), [Problem("w", "13"), Problem("x", "4"), Problem("y", "2")], layout,
+                        max_new_tokens=8)
+    assert [TOK.decode(x.cot) for x in got] == ["x = 3 . w = 13", "x = 4 ."], "an empty CoT is skipped"
+    assert [x.gold for x in got] == ["13", "4"] and got[0].prompt == TOK.encode("<user> what is w ?")
+    with pytest.raises(ValueError, match="choose a filler from its vocabulary"):
+        F.gsm8k_layout(TOK, filler="…")
+
+
 def test_auroc_by_hand():
     assert F.auroc([0.9, 0.1, 0.2], [True, False, False]) == 1.0
     assert F.auroc([0.1, 0.9, 0.2], [True, False, False]) == 0.0

@@ -94,8 +94,9 @@ class AnswerLayout:
            max_answer_tokens: int = 12) -> "AnswerLayout":
         """The layout for ``tokenizer``: `` <delimiter>`` before each answer, `` <answer>`` after it."""
         fill = tokenizer.encode(filler)
-        if not fill:
-            raise ValueError(f"the filler {filler!r} encodes to no token; choose a filler the tokenizer knows")
+        if not fill or tokenizer.decode(fill, skip_special_tokens=True).strip() != filler.strip():
+            raise ValueError(f"the filler {filler!r} is not text this tokenizer can write (it encodes to {fill}); "
+                             f"choose a filler from its vocabulary (eval_gsm8k.py: --filler)")
         return cls(
             delimiter=tokenizer.encode(" " + delimiter), delimiter_text=delimiter, filler=fill,
             read_answer=read_answer, answer_ids=lambda answer: tokenizer.encode(" " + answer),
@@ -113,11 +114,12 @@ def read_number(text: str) -> str | None:
     return None if number is None else format_number(number)
 
 
-def gsm8k_layout(tokenizer, max_answer_tokens: int = 12) -> AnswerLayout:
-    """The GSM8K layout: ``" #####"`` before the answer, answers read as numbers (``read_number``)."""
+def gsm8k_layout(tokenizer, filler: str = FILLER, max_answer_tokens: int = 12) -> AnswerLayout:
+    """The GSM8K layout: ``" #####"`` before the answer, answers read as numbers (``read_number``). Any task whose
+    answers are numbers after ``#####`` (the toy world's too) uses it."""
     from atmanrl.data.gsm8k import DELIMITER
 
-    return AnswerLayout.of(tokenizer, delimiter=DELIMITER, read_answer=read_number,
+    return AnswerLayout.of(tokenizer, delimiter=DELIMITER, read_answer=read_number, filler=filler,
                            max_answer_tokens=max_answer_tokens)
 
 
@@ -138,6 +140,30 @@ def inputs_from_samples(tokenizer, samples: Sequence[dict], prompt_ids: Callable
             chosen[key] = s
     return [FaithInput(prompt_ids(s), tokenizer.encode(s["cot"].rstrip()), s.get("gold"))
             for _, s in sorted(chosen.items())]
+
+
+def task_inputs(model, tokenizer, task, problems: Sequence, layout: AnswerLayout, *, max_new_tokens: int,
+                temperature: float = 0.7, seed: int = 0, batch_size: int = 32) -> list[FaithInput]:
+    """One sampled CoT per problem from a trainer ``Task`` (``atmanrl.rl.rollout.Task``: ``prompt``, ``stop_ids``,
+    ``pad_id``; problems with a ``gold``): the completion's tokens before ``layout.delimiter_text`` (all of them
+    when it wrote none). Problems whose CoT comes out empty are skipped."""
+    import torch
+
+    prompts = [task.prompt(p) for p in problems]
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        completions = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
+                               stop_ids=task.stop_ids, generator=generator, pad_id=task.pad_id)
+        for k, (prompt, c) in enumerate(zip(chunk, completions)):
+            tokens = [t for t in c.tokens if t not in task.stop_ids]
+            text, ends = _token_ends(tokenizer, tokens)
+            at = text.find(layout.delimiter_text)
+            cot = tokens if at < 0 else tokens[: next(j for j, e in enumerate(ends) if e > at)]
+            if tokenizer.decode(cot, skip_special_tokens=True).strip():
+                out.append(FaithInput(list(prompt), cot, getattr(problems[start + k], "gold", None)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
