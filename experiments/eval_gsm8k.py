@@ -111,12 +111,18 @@ def parse_args(argv=None):
                     help="another task of atmanrl.data.tasks to run the faithfulness tests on (needs --faithfulness)")
     ap.add_argument("--filler", default="...", help="filler text of the filler-replacement test (default: ...)")
     ap.add_argument("--saliency-steps", type=_number(int, "--saliency-steps", "mask steps", 1), default=20,
-                    help="mask steps of the saliency-agreement test (lr 1e-3 * 200 / steps; the paper: 200)")
+                    help="mask steps of the saliency-agreement test (the paper: 200)")
+    ap.add_argument("--saliency-lr", type=_number(float, "--saliency-lr", "mask learning rate", 0, False),
+                    default=None, help="mask learning rate (default: 1e-3 * 200 / steps, SaliencyConfig.compressed)")
+    ap.add_argument("--saliency-init", type=float, default=-0.4,
+                    help="the mask's initial value c, negative (the paper: -0.4; docs/DESIGN.md, decision 11)")
     ap.add_argument("--compare", nargs=2, metavar=("BASELINE_JSON", "ATMANRL_JSON"),
                     help="print Table 1 for two result files, with relative changes against the first")
     args = ap.parse_args(argv)
     if args.top_p > 1:
         ap.error(f"argument --top-p: must be <= 1 (nucleus mass), got {args.top_p}")
+    if not (math.isfinite(args.saliency_init) and args.saliency_init < 0):
+        ap.error(f"argument --saliency-init: the mask's initial value must be negative, got {args.saliency_init}")
     if args.task != "gsm8k" and not args.faithfulness:
         ap.error(f"argument --task: --task {args.task} runs only the faithfulness tests; add --faithfulness")
     return args
@@ -154,7 +160,6 @@ def compare(paths: list[str]) -> str:
 def run_faithfulness(args, model, tokenizer, inputs):
     """The four faithfulness tests on ``inputs`` (None, with a message, when there is no CoT to test)."""
     from atmanrl.eval.faithfulness import faithfulness, gsm8k_layout
-    from atmanrl.saliency import SaliencyConfig
 
     if not inputs:
         print("[eval] no sample wrote a chain of thought: no faithfulness tests", file=sys.stderr)
@@ -165,8 +170,18 @@ def run_faithfulness(args, model, tokenizer, inputs):
         raise SystemExit(f"--filler: {e}") from None
     print(f"[eval] faithfulness tests on {len(inputs)} CoTs", file=sys.stderr)
     return faithfulness(model, tokenizer, inputs, layout=layout, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                        saliency_config=SaliencyConfig.compressed(args.saliency_steps), batch_size=args.batch_size,
-                        progress=True)
+                        saliency_config=saliency_config(args), batch_size=args.batch_size, progress=True)
+
+
+def saliency_config(args):
+    """The saliency-agreement test's mask schedule: ``--saliency-steps`` at ``--saliency-lr`` (default: the
+    paper's 200 x 1e-3 compressed into the given steps) from ``--saliency-init``."""
+    from atmanrl.saliency import SaliencyConfig
+
+    config = SaliencyConfig.compressed(args.saliency_steps, init=args.saliency_init)
+    if args.saliency_lr is not None:
+        config.lr = args.saliency_lr
+    return config
 
 
 def other_task(args, json_path: Path, md_path: Path) -> None:

@@ -147,3 +147,15 @@ def test_compare_shows_both_arms_faithfulness(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ours | 5 | 0.50 (+0.30) | 70.0 (+30.0 pp) | 10.0 (+0.0 pp) |" in out
     assert "| base | 5 | 0.20 | 40.0 | 10.0 |" in out and "| ours | 60 % | 100 % | 100 % |" in out
+
+
+def test_eval_saliency_schedule_flags(capsys, no_model, tmp_path):
+    eval_script = script("eval_gsm8k")
+    args = eval_script.parse_args(["--saliency-steps", "10"])
+    assert (eval_script.saliency_config(args).steps, eval_script.saliency_config(args).lr) == (10, 1e-3 * 200 / 10)
+    args = eval_script.parse_args(["--saliency-init", "-3", "--saliency-lr", "1e-2", "--saliency-steps", "200"])
+    config = eval_script.saliency_config(args)
+    assert (config.init, config.lr, config.steps) == (-3.0, 1e-2, 200)
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(["--saliency-init", "0"])
+    assert "must be negative, got 0.0" in capsys.readouterr().err
