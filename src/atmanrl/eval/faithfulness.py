@@ -34,7 +34,8 @@ token), not GSM8K objects: ``gsm8k_layout(tokenizer)`` is the GSM8K one, and any
 CoT' + delimiter``, at most ``layout.max_answer_tokens`` tokens, read by ``layout.read_answer`` (GSM8K: the one
 number on the answer's first line, as plain digits). The reference is the answer after the full, unchanged CoT.
 A sample whose reference cannot be read has nothing to be compared with: it keeps its per-sample record
-(``reference is None``) and is left out of the pooled numbers, whose ``samples`` field says how many counted.
+(``reference is None``) and is left out of the pooled numbers, whose ``samples`` field says how many counted. An
+unreadable answer after an intervention differs from a readable reference: it counts as a changed answer.
 """
 
 from __future__ import annotations
