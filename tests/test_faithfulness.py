@@ -156,6 +156,18 @@ def test_task_inputs_take_the_cot_before_the_delimiter(monkeypatch):
         F.gsm8k_layout(TOK, filler="…")
 
 
+def test_inputs_from_evaluation_samples_take_one_cot_per_problem():
+    samples = [
+        {"problem": 0, "cot": "x = 3 . ", "answer": None, "gold": "3"},
+        {"problem": 0, "cot": "x = 4 . ", "answer": " 4", "gold": "3"},  # wrote the delimiter: preferred
+        {"problem": 1, "cot": "  ", "answer": None, "gold": "5"},  # empty CoT: skipped
+        {"problem": 2, "cot": "w = 13", "answer": None, "gold": "13"},
+    ]
+    got = F.inputs_from_samples(TOK, samples, lambda s: PROMPT)
+    assert [(TOK.decode(x.cot), x.gold) for x in got] == [("x = 4 .", "3"), ("w = 13", "13")]
+    assert all(x.prompt == PROMPT for x in got)
+
+
 def test_auroc_by_hand():
     assert F.auroc([0.9, 0.1, 0.2], [True, False, False]) == 1.0
     assert F.auroc([0.1, 0.9, 0.2], [True, False, False]) == 0.0
