@@ -117,6 +117,10 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     device = check_device(args.device)
     html_path, png_path = output_paths(args.out)
+    try:
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot create its directory ({e.strerror}); choose another --out") from None
 
     from atmanrl.model import load
 
@@ -127,8 +131,11 @@ def main(argv=None) -> Path:
     lr = args.lr if args.lr is not None else PAPER_LR * PAPER_STEPS / steps
     note = f"{steps} mask steps at lr {lr:g}"
     if (steps, lr) != (PAPER_STEPS, PAPER_LR):
-        note += (f" (the paper: {PAPER_STEPS} steps at lr {PAPER_LR:g}; "
-                 f"this compressed schedule keeps steps x lr, see benchmarks/README.md; --steps 200 for the paper's)")
+        keeps = math.isclose(steps * lr, PAPER_STEPS * PAPER_LR, rel_tol=1e-6)
+        note += (f" (the paper: {PAPER_STEPS} steps at lr {PAPER_LR:g}; " + (
+            "this compressed schedule keeps steps x lr, see benchmarks/README.md" if keeps else
+            f"steps x lr = {steps * lr:g} instead of {PAPER_STEPS * PAPER_LR:g}: the mask can move a different "
+            f"distance, and the reward's scale follows it") + "; --steps 200 --lr 1e-3 for the paper's)")
     print(f"sequence: {len(x.tokens)} tokens (prompt {x.prompt_len}, CoT {x.n_cot}, answer {x.n_answer}); {note}",
           file=sys.stderr)
 
@@ -153,7 +160,6 @@ def main(argv=None) -> Path:
               f"{ranking(cot_tokens, atman.delta_loss)}")
     page = html_page(result, cot_tokens, question=args.question, answer=args.answer, atman=atman,
                      config_note=f"Model {args.model}; {note}.")
-    html_path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(page, encoding="utf-8")
     print(f"\nwrote {html_path.resolve()}")
     if result.ok:
