@@ -1,7 +1,7 @@
 """Table 1 evaluation of a checkpoint on GSM8K (or the embedded GSM8K-style problems), and the faithfulness tests.
 
     python experiments/eval_gsm8k.py                                    # embedded SmolLM2, synthetic problems
-    python experiments/eval_gsm8k.py --data ../shared/data/gsm8k/test.jsonl --n 500 --k 4   # the paper's setting
+    python experiments/eval_gsm8k.py --data /path/to/gsm8k/test.jsonl --n 500 --k 4   # the paper's setting
     python experiments/eval_gsm8k.py --model runs/atmanrl/policy --label AtManRL --out runs/eval/atmanrl.json
     python experiments/eval_gsm8k.py --faithfulness --out runs/eval/smollm2.json    # + the four faithfulness tests
     python experiments/eval_gsm8k.py --compare runs/eval/baseline.json runs/eval/atmanrl.json
