@@ -63,7 +63,7 @@ SHORT_COT = (
     "neighbours, so 22 - 10 = 12 muffins are left."
 )
 ANSWER = " 12"
-# DESIGN's example: the answer's number stated once among filler.
+# The example of docs/DESIGN.md, decision 4: the answer's number stated once among filler.
 SECRET_QUESTION = "What is the secret number?"
 SECRET_COT = (
     "Let me think. The weather is nice today and the garden is full of flowers. The secret number is 47. Birds are "
@@ -200,8 +200,9 @@ def main(argv=None):
     parser.add_argument("--parity-steps", type=int, default=20)
     parser.add_argument("--quality-cot", choices=["long", "short", "secret"], default="long",
                         help="sequence of the quality part: the ~400-token one of the speed part; 'short': the same "
-                             "problem with a terse CoT (~200 tokens); 'secret': DESIGN's 'secret number' filler CoT "
-                             "(~80 tokens), for when 200 reference steps on 400 tokens take too long")
+                             "problem with a terse CoT (~200 tokens); 'secret': the 'secret number' "
+                             "filler CoT of docs/DESIGN.md (~80 tokens), for when 200 reference steps on 400 tokens "
+                             "take too long")
     parser.add_argument("--compressed", type=int, nargs="*", default=[10, 20, 40],
                         help="step counts of the compressed schedules")
     parser.add_argument("--threads", type=int, help="torch threads (on a machine shared with other jobs, 1 thread "

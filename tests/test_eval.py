@@ -78,7 +78,9 @@ def test_table1_reproduces_the_papers_relative_changes():
     lines = table1_markdown([("AtManRL", ours), ("Baseline", base)], baseline="Baseline").splitlines()
     assert lines[0] == ("| | Avg. token / CoT ↓ | Numbers % ↑ | Stop words % ↓ | Symbols % ↑ | Pass@4 ↑ "
                         "| Accuracy % ↑ |")
-    assert lines[2] == "| AtManRL | 119.7 (-36%) | 15.94 (+33%) | 25.23 (-14%) | 8.45 (+46%) | 89.4 (-2%) | 80.0 (+0%) |"
+    # Relative changes as in the paper's table; percentage points as its text quotes them ("4% fewer stop words").
+    assert lines[2] == ("| AtManRL | 119.7 (-36%) | 15.94 (+33%, +3.96 pp) | 25.23 (-14%, -4.04 pp) "
+                        "| 8.45 (+46%, +2.66 pp) | 89.4 (-2%, -2.0 pp) | 80.0 (+0%, +0.0 pp) |")
     assert lines[3] == "| Baseline | 187.8 | 11.98 | 29.27 | 5.79 | 91.4 | 80.0 |"
     with pytest.raises(ValueError, match="not one of the rows"):
         table1_markdown([("AtManRL", ours)], baseline="Baseline")
@@ -114,5 +116,6 @@ def test_compare_mode_prints_relative_changes(tmp_path, capsys):
         (tmp_path / f"{name}.json").write_text(json.dumps({"label": "run", "summary": summary, "samples": []}))
     script.main(["--compare", str(tmp_path / "baseline.json"), str(tmp_path / "atmanrl.json")])
     out = capsys.readouterr().out.splitlines()
-    assert out[2].startswith("| run (atmanrl) | 100.0 (-50%) | 10.00 (+0%) | 30.00 (+0%) | 6.00 (+20%) |")
+    assert out[2].startswith("| run (atmanrl) | 100.0 (-50%) | 10.00 (+0%, +0.00 pp) | 30.00 (+0%, +0.00 pp) "
+                             "| 6.00 (+20%, +1.00 pp) |")
     assert out[3].startswith("| run (baseline) | 200.0 | 10.00 |")

@@ -1,4 +1,4 @@
-"""The AtMan saliency module, pinned formula by formula (paper Eqs. 1-3, DESIGN decisions 1-4).
+"""The AtMan saliency module, pinned formula by formula (paper Eqs. 1-3, docs/DESIGN.md decisions 1-4).
 
 References used here, all independent of the code under test:
 - the mask's entries, written out with loops over (row, column) from the definition;
@@ -57,7 +57,7 @@ def random_batch(seed) -> list[SaliencyInput]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The mask (Eq. 1's H^AtMan, DESIGN decision 1)
+# The mask (Eq. 1's H^AtMan, docs/DESIGN.md decision 1)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The saliency module on the real SmolLM2-135M-Instruct (the session fixture ``smollm2``, float32).
 
-DESIGN's example: a CoT that states the answer's number once among filler. The tokens of that number must be among
+The example of docs/DESIGN.md (decision 4): a CoT that states the answer's number once among filler.
+The tokens of that number must be among
 the three most salient CoT tokens. A short compressed schedule (10 steps at lr 2e-2, steps x lr as in the paper's
 200 x 1e-3; see benchmarks/README.md) keeps the test fast.
 """

@@ -1,7 +1,7 @@
 """Evaluate a model on GSM8K-style problems: k samples per problem, scored and described (Table 1).
 
 Every sample is kept: prompt, completion text, CoT and answer text, correctness, CoT length in model tokens and
-its spaCy composition. Definitions (DESIGN.md point 8):
+its spaCy composition. Definitions (docs/DESIGN.md, decision 10):
 - CoT length: model tokens before the first ``#####`` (``split_tokens``); a completion without the delimiter is
   all CoT (its text tokens, the end-of-turn token excluded) and has no answer, so it is incorrect.
 - Sampling: one seeded ``torch.Generator`` for the whole run, so a run repeats; the k samples of a problem share a

@@ -5,7 +5,7 @@ What is notable here:
   (Eq. 3) with a weight: 1 is AtManRL, 0 is the paper's baseline.
 - ``group_advantages`` is Eq. 5's baseline, ``A_i = R_i - mean_group(R)``, with an optional division by the group
   std (off by default: the paper does not divide, and the saliency reward is tiny next to the outcome reward, so a
-  std would mostly blow up noise; DESIGN.md).
+  std would mostly blow up noise; docs/DESIGN.md, decision 5).
 - ``grpo_loss`` is Eq. 5. The paper writes one ratio per rollout, ``pi(a|q) / pi_old(a|q)``; for a 1024-token
   completion that product of per-token ratios is numerically wild, so the default is GRPO's per-token form (Shao
   et al. 2024): clip each token's ratio, average over the rollout's tokens, then over rollouts. ``ratio="sequence"``

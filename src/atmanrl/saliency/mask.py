@@ -1,4 +1,4 @@
-"""The AtMan mask ``H^AtMan`` as a learnable object (paper sections 3.1-3.2, Eq. 1; DESIGN decision 1).
+"""The AtMan mask ``H^AtMan`` as a learnable object (paper sections 3.1-3.2, Eq. 1; docs/DESIGN.md, decision 1).
 
 For a sequence with CoT tokens ``[cs, ce)`` and length ``n``, the mask has one parameter ``p[w, v]`` for every
 causal entry whose key column is a CoT token: query row ``w`` and CoT column ``v`` with ``w >= v``. Rows before

@@ -29,7 +29,8 @@ Degenerate inputs are defined results, never exceptions, and never affect the re
 Fewer steps (beyond the paper, off by default): ``SaliencyConfig.compressed(20)`` runs 20 steps at lr 1e-2, 10x
 less time for per-token saliency with Spearman rho 0.93 against the 200-step result (benchmarks/README.md).
 
-Saturation (DESIGN, pitfall a): when the answer loss at the initial mask is already ~0, the mask gradients are tiny
+Saturation (docs/DESIGN.md, pitfall a): when the answer loss at the initial mask is already ~0, the mask
+gradients are tiny
 and Adam turns them into +-lr steps whatever their size, so the saliency carries little information. Every result
 reports ``initial_loss`` (mask at its initial value), ``unmasked_loss`` (no mask) and ``saturated``
 (``initial_loss < config.saturation_loss``).

@@ -1,4 +1,4 @@
-"""The saliency read-out of an optimised AtMan mask (paper Eq. 3; DESIGN decisions 3 and 4).
+"""The saliency read-out of an optimised AtMan mask (paper Eq. 3; docs/DESIGN.md, decisions 3 and 4).
 
 Normalisation: ``Ĥ = H / c`` with ``H = min(p, 0)`` and ``c`` the initialisation (-0.4). ``Ĥ = 1`` where the
 optimiser left an entry at its initial suppression, ``Ĥ -> 0`` where it re-enabled the entry (attention restored),
@@ -22,7 +22,7 @@ The rollout reward needs one number per sequence, and the paper is ambiguous abo
 Both average the per-column means with equal weight per CoT token (not the mean over all entries, which would let
 early CoT tokens, having more rows, weigh more).
 
-Scale (DESIGN, pitfall b): Adam moves an entry by about lr per step, so ``|1 - Ĥ|`` is at most about
+Scale (docs/DESIGN.md, pitfall b): Adam moves an entry by about lr per step, so ``|1 - Ĥ|`` is at most about
 ``steps * lr / |c|`` (0.5 for the paper's 200 x 1e-3 / 0.4) and rollout rewards are typically 0.005-0.12, small
 next to the 0/-1 outcome reward. They are not normalised here.
 """
