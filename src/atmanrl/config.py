@@ -37,6 +37,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    task: str = "gsm8k"  # "gsm8k" (GSM8K file or the embedded problems) or "toyworld" (atmanrl.data.toyworld)
     path: str | None = None  # GSM8K jsonl (train split); None: the embedded synthetic problems
     synthetic_problems: int = 64  # how many synthetic problems when `path` is None
     max_problems: int | None = None  # keep the first N problems of the file (None: all)

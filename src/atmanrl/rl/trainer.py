@@ -64,6 +64,20 @@ def load_problems(path: str | None, n_synthetic: int, seed: int, max_problems: i
     return problems[:max_problems] if max_problems is not None else problems
 
 
+TASKS = ("gsm8k", "toyworld")
+
+
+def make_task(name: str, tokenizer) -> Task:
+    """The task named by ``data.task``."""
+    if name == "gsm8k":
+        return GSM8KTask(tokenizer)
+    if name == "toyworld":
+        from atmanrl.data.toyworld import ToyTask
+
+        return ToyTask(tokenizer)
+    raise ValueError(f"data.task={name!r} is not a task; valid tasks are: {', '.join(TASKS)}")
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled problem order of one epoch: a function of (seed, epoch) only, so a resume needs no state."""
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
@@ -73,6 +87,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def validate(cfg: RunConfig, world_size: int) -> None:
     """Shapes the loop relies on; each error says which key to change."""
     t, G = cfg.train, cfg.rollout.group_size
+    if cfg.data.task not in TASKS:
+        raise ValueError(f"data.task={cfg.data.task!r} is not a task; valid tasks are: {', '.join(TASKS)}")
     if t.problems_per_update % world_size:
         raise ValueError(f"train.problems_per_update={t.problems_per_update} must be a multiple of the number of "
                          f"processes ({world_size}): each rank rolls out whole groups")
@@ -127,9 +143,15 @@ def train(
         from atmanrl.model import load
 
         policy, tokenizer = load(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
-        task = task or GSM8KTask(tokenizer)
+        task = task or make_task(cfg.data.task, tokenizer)
     elif task is None:
         raise ValueError("train(policy=...) also needs task=...: the task knows the policy's tokenizer")
+    if cfg.data.task == "toyworld":  # seeded toy problems; the held-out ones come from the test split
+        from atmanrl.data.toyworld import make_problems
+
+        problems = problems or make_problems(cfg.data.synthetic_problems, cfg.data.seed, "train")
+        if cfg.eval.every > 0:
+            eval_problems = eval_problems or make_problems(cfg.eval.problems, cfg.eval.seed, "test")
     if problems is None:
         problems = load_problems(cfg.data.path, cfg.data.synthetic_problems, cfg.data.seed, cfg.data.max_problems)
     if eval_problems is None and cfg.eval.every > 0:
