@@ -51,13 +51,20 @@ COLUMNS = [
     ("symbols_pct", "symbols %", 1), ("filler_pct", "filler %", 1), ("distractor_pct", "distractor %", 1),
     ("padding_pct", "filler+distr. %", 1), ("step_coverage_pct", "step coverage %", 1),
 ]
-# Mask settings studied against planted truth. "paper" is the default (section 3.4); the rest are beyond the paper.
-BASE_SETTINGS = {"paper": SaliencyConfig(), "compressed20": SaliencyConfig.compressed(20)}
-CANDIDATES = {  # stronger initial suppression with a matching lr (steps x lr grows with |init|), 200 steps
-    "init-3_lr1e-2": SaliencyConfig(init=-3.0, lr=1e-2),
-    "init-5_lr3e-2": SaliencyConfig(init=-5.0, lr=3e-2),
-    "init-8_lr5e-2": SaliencyConfig(init=-8.0, lr=5e-2),
-}
+
+
+def mask_settings(smoke: bool = False) -> tuple[dict, dict]:
+    """(reference settings, candidate options) of the saliency study. "paper" is the default (section 3.4);
+    the rest are beyond the paper: candidates start from a stronger suppression with a matching lr (steps x lr
+    grows with |init|), 200 steps each. ``smoke``: two steps each (mechanics only)."""
+    base = {"paper": SaliencyConfig(), "compressed20": SaliencyConfig.compressed(20)}
+    candidates = {"init-3_lr1e-2": SaliencyConfig(init=-3.0, lr=1e-2),
+                  "init-5_lr3e-2": SaliencyConfig(init=-5.0, lr=3e-2),
+                  "init-8_lr5e-2": SaliencyConfig(init=-8.0, lr=5e-2)}
+    if smoke:
+        base = {k: dataclasses.replace(v, steps=2) for k, v in base.items()}
+        candidates = {k: dataclasses.replace(v, steps=2) for k, v in candidates.items()}
+    return base, candidates
 
 
 def log(msg: str) -> None:
@@ -83,9 +90,9 @@ def summary_row(summary: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_arms(args, policy_dir: Path, tokenizer, test_problems) -> dict:
+def run_arms(args, policy_dir: Path, tokenizer, test_problems, arms=ARMS) -> dict:
     runs = {}
-    for arm in ARMS:
+    for arm in arms:
         for seed in range(args.seeds):
             out = args.out / "runs" / f"{arm}_seed{seed}"
             overrides = [f"out_dir={out}", f"model.name_or_path={policy_dir}", f"train.seed={seed}",
@@ -151,6 +158,7 @@ def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig, seed: int) -> di
 
 def run_truth(args, model, tokenizer) -> dict:
     """Saliency vs planted truth: select the option on seed 0's CoTs, report on the other seeds' CoTs."""
+    base, candidates = mask_settings(args.smoke)
     problems = tw.make_problems(args.truth_problems * args.seeds, 99, "test")
     per_seed = len(problems) // args.seeds
     out = {"per_seed": {}, "selection": {}}
@@ -162,34 +170,34 @@ def run_truth(args, model, tokenizer) -> dict:
         info = {"cots": len(items), "answer_carrying_per_cot": stats(n_carry),
                 "cots_without_answer_carrying": sum(n == 0 for n in n_carry),
                 "carrying_is_asked_result": _asked_result_share(items, tokenizer)}
-        settings = dict(BASE_SETTINGS)
+        settings = dict(base)
         if seed == 0:
-            settings.update(CANDIDATES)
+            settings.update(candidates)
         t0 = time.perf_counter()
         info["scores"] = truth.study(model, items, settings)
         info["seconds"] = time.perf_counter() - t0
         if seed == 0:  # selection: the candidate (setting x read-out) with the best top-1 + AUROC on this seed
-            ranked = sorted(((s["top1"] + s["auroc_answer"], name, kind) for name in CANDIDATES
+            ranked = sorted(((s["top1"] + s["auroc_answer"], name, kind) for name in candidates
                              for kind, s in info["scores"][name].items()), reverse=True)
             chosen = (ranked[0][1], ranked[0][2])
             out["selection"] = {"setting": chosen[0], "readout": chosen[1], "criterion": "top1 + auroc_answer",
                                 "ranking": [[n, k, v] for v, n, k in ranked]}
             log(f"saliency option selected on seed 0: {chosen[0]} with read-out {chosen[1]}")
         else:
-            info["scores"].update(truth.study(model, items, {chosen[0]: CANDIDATES[chosen[0]]}, [chosen[1]]))
-        out["per_seed"][seed] = info
+            info["scores"].update(truth.study(model, items, {chosen[0]: candidates[chosen[0]]}, [chosen[1]]))
+        out["per_seed"][str(seed)] = info
         log(f"truth seed {seed}: {len(items)} CoTs; " + "; ".join(
             f"{n}/{k}: AUROC {s['auroc_answer']:.2f} top-1 {s['top1']:.2f} sat {s['saturated_share']:.2f}"
             for n, d in info["scores"].items() for k, s in d.items()))
     reported = [s for s in range(1, args.seeds)] or [0]
     rows = {("paper", "all_rows"), ("compressed20", "all_rows"), ("paper", "gradient"), chosen}
-    out["reported"] = {f"{n}/{k}": {m: stats([out["per_seed"][s]["scores"][n][k][m] for s in reported])
+    out["reported"] = {f"{n}/{k}": {m: stats([out["per_seed"][str(s)]["scores"][n][k][m] for s in reported])
                                     for m in ("auroc_answer", "top1", "auroc_step_vs_padding", "saturated_share")}
                        for n, k in sorted(rows)}
     out["reported_on_seeds"] = reported
     gap_problems = tw.make_problems(args.gap_problems, 7, "test")
     out["reward_gap"] = {name: reward_gap(model, tokenizer, gap_problems, cfg, 0)
-                         for name, cfg in {**BASE_SETTINGS, chosen[0]: CANDIDATES[chosen[0]]}.items()}
+                         for name, cfg in {**base, chosen[0]: candidates[chosen[0]]}.items()}
     return out
 
 
@@ -294,7 +302,7 @@ def write_report(args, results: dict) -> str:
               f"**{sel['setting']} with the {sel['readout']} read-out**. Every candidate on set 0:", "",
               "| setting | read-out | AUROC answer | top-1 | AUROC step vs padding | saturated |",
               "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for name, d in tr["per_seed"][0]["scores"].items():
+    for name, d in tr["per_seed"]["0"]["scores"].items():
         for kind, s in d.items():
             lines.append(f"| {name} | {kind} | {s['auroc_answer']:.3f} | {s['top1']:.3f} | "
                          f"{s['auroc_step_vs_padding']:.3f} | {s['saturated_share']:.2f} |")
@@ -317,6 +325,49 @@ def write_report(args, results: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+PARTS = ("truth", *ARMS)  # independent pieces of work; --jobs runs them as parallel processes
+
+
+def run_part(args, part: str, policy_dir: Path, model, tokenizer, test_problems) -> dict:
+    if part == "truth":
+        return run_truth(args, model, tokenizer)
+    return run_arms(args, policy_dir, tokenizer, test_problems, [part])
+
+
+def run_parts(args, argv: list[str], policy_dir: Path, model, tokenizer, test_problems) -> dict:
+    """Every part, in this process (``--jobs 1``) or as up to ``--jobs`` child processes (one part each, logs in
+    ``out/logs``); each part's numbers go to ``out/parts/<part>.json``."""
+    parts_dir = args.out / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    if args.jobs <= 1:
+        for part in PARTS:
+            (parts_dir / f"{part}.json").write_text(
+                json.dumps(run_part(args, part, policy_dir, model, tokenizer, test_problems), default=str) + "\n")
+    else:
+        import subprocess
+
+        (args.out / "logs").mkdir(exist_ok=True)
+        todo, running = list(PARTS), []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                part = todo.pop(0)
+                logf = open(args.out / "logs" / f"{part}.log", "w")
+                cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1", "--part", part]
+                running.append((part, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
+                log(f"started part {part} (log: {args.out / 'logs' / f'{part}.log'})")
+            time.sleep(2)
+            for item in list(running):
+                part, proc, logf = item
+                if proc.poll() is not None:
+                    logf.close()
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"part {part} failed (exit {proc.returncode}); see "
+                                           f"{args.out / 'logs' / f'{part}.log'}")
+                    log(f"part {part} done")
+    return {part: json.loads((parts_dir / f"{part}.json").read_text()) for part in PARTS}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
@@ -328,8 +379,12 @@ def main(argv=None) -> int:
     parser.add_argument("--truth-problems", type=int, default=96, help="problems per CoT set of the saliency study")
     parser.add_argument("--truth-cots", type=int, default=48, help="correct CoTs per set of the saliency study")
     parser.add_argument("--gap-problems", type=int, default=24, help="problems for the dense-vs-padded reward gap")
+    parser.add_argument("--jobs", type=int, default=1, help="run the saliency study and the three arms as this "
+                                                             "many parallel processes (one torch thread each)")
+    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process of --jobs
     parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
     parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
+    argv = list(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     t_begin = time.perf_counter()
@@ -341,26 +396,29 @@ def main(argv=None) -> int:
         args.override = ["rollout.group_size=2", "rollout.max_new_tokens=12", "train.problems_per_update=2",
                          "saliency.steps=2", "eval.problems=4", "eval.every=1", "eval.max_new_tokens=12",
                          *args.override]
-        for name in CANDIDATES:  # two mask steps each: mechanics only
-            CANDIDATES[name] = SaliencyConfig(init=CANDIDATES[name].init, lr=CANDIDATES[name].lr, steps=2)
-        BASE_SETTINGS["paper"] = SaliencyConfig(steps=2)
     policy_dir = sft_model_dir(settings, args.out / "sft" if args.smoke else None)
     model, tokenizer = load(policy_dir)
     model.eval().requires_grad_(False)
     test_problems = tw.make_problems(args.heldout, 0, "test")
+    if args.part is not None:
+        result = run_part(args, args.part, policy_dir, model, tokenizer, test_problems)
+        (args.out / "parts").mkdir(exist_ok=True)
+        (args.out / "parts" / f"{args.part}.json").write_text(json.dumps(result, default=str) + "\n")
+        return 0
     log(f"held-out evaluation of the warm start on {len(test_problems)} problems")
     sft_eval = evaluate_toy(model, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
     results = {
-        "command": "python experiments/reproduce_toy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "command": "python experiments/reproduce_toy.py " + " ".join(argv),
+        "machine": f"{max(args.jobs, 1)} process(es) x {torch.get_num_threads()} torch thread(s), "
+                   f"torch {torch.__version__}",
         "heldout_problems": len(test_problems),
         "sft": {"dir": str(policy_dir), "settings": dataclasses.asdict(settings),
                 "parameters": model.num_parameters, "heldout": summary_row(sft_eval["summary"]),
                 "heldout_full": sft_eval["summary"]},
     }
-    results["truth"] = run_truth(args, model, tokenizer)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    runs = run_arms(args, policy_dir, tokenizer, test_problems)
+    parts = run_parts(args, _strip_jobs(argv), policy_dir, model, tokenizer, test_problems)
+    results["truth"] = parts["truth"]
+    runs = {name: run for arm in ARMS for name, run in parts[arm].items()}
     results["runs"] = runs
     results["arms"] = aggregate(runs)
     results["checks"] = checks(results["arms"])
@@ -375,6 +433,19 @@ def main(argv=None) -> int:
     (args.out / "report.md").write_text(write_report(args, results))
     log(f"done in {results['seconds'] / 60:.1f} minutes: {args.out / 'report.md'}")
     return 0
+
+
+def _strip_jobs(argv: list[str]) -> list[str]:
+    """``argv`` without ``--jobs N`` / ``--jobs=N`` (the children get ``--jobs 1 --part P``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--jobs":
+            skip = True
+        elif not a.startswith("--jobs="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":
