@@ -339,15 +339,18 @@ def run_parts(args, argv: list[str], policy_dir: Path, model, tokenizer, test_pr
     ``out/logs``); each part's numbers go to ``out/parts/<part>.json``."""
     parts_dir = args.out / "parts"
     parts_dir.mkdir(exist_ok=True)
+    todo = [p for p in PARTS if not (args.reuse and (parts_dir / f"{p}.json").is_file())]
+    if len(todo) < len(PARTS):
+        log(f"--reuse: taking {sorted(set(PARTS) - set(todo))} from {parts_dir}")
     if args.jobs <= 1:
-        for part in PARTS:
+        for part in todo:
             (parts_dir / f"{part}.json").write_text(
                 json.dumps(run_part(args, part, policy_dir, model, tokenizer, test_problems), default=str) + "\n")
     else:
         import subprocess
 
         (args.out / "logs").mkdir(exist_ok=True)
-        todo, running = list(PARTS), []
+        running = []
         while todo or running:
             while todo and len(running) < args.jobs:
                 part = todo.pop(0)
@@ -381,7 +384,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gap-problems", type=int, default=24, help="problems for the dense-vs-padded reward gap")
     parser.add_argument("--jobs", type=int, default=1, help="run the saliency study and the three arms as this "
                                                              "many parallel processes (one torch thread each)")
-    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a child process of --jobs
+    parser.add_argument("--part", choices=PARTS, help="compute only this part (a child process of --jobs)")
+    parser.add_argument("--reuse", action="store_true", help="take parts already in OUT/parts (an interrupted or "
+                                                              "partial run with the same arguments)")
     parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
     parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
     argv = list(argv if argv is not None else sys.argv[1:])

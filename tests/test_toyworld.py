@@ -160,6 +160,22 @@ def test_auroc_on_a_hand_counted_case():
     assert math.isnan(truth.auroc([1, 2], [False, False]))
 
 
+def test_toy_arm_configs_differ_only_in_the_saliency_reward():
+    from atmanrl.config import load_config, to_dict
+
+    configs = REPO / "experiments" / "configs"
+    arms = {arm: to_dict(load_config(configs / f"toy_{arm}.yaml")) for arm in ("baseline", "atmanrl", "eq3")}
+    assert arms["baseline"]["saliency"]["weight"] == 0 and arms["atmanrl"]["saliency"]["weight"] == 1
+    assert arms["eq3"]["saliency"]["reward"] == "eq3" and arms["atmanrl"]["saliency"]["reward"] == "reenable"
+    for cfg in arms.values():
+        cfg["saliency"] = cfg["out_dir"] = None
+    assert arms["baseline"] == arms["atmanrl"] == arms["eq3"]
+    default = load_config(configs / "cpu_default.yaml")  # the README's main job: the toy AtManRL arm
+    assert default.data.task == "toyworld" and default.model.name_or_path == "toyworld-sft"
+    assert default.saliency.weight == 1.0
+    assert load_config(configs / "cpu_smollm2.yaml").data.task == "gsm8k"  # the former default, kept
+
+
 def test_reproduction_pipeline_smoke(tmp_path):
     """Mechanics only (a model of a few thousand parameters, two updates per run): files written, every arm ran,
     numbers finite."""

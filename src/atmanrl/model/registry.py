@@ -77,7 +77,8 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="c
         model, tokenizer = load_gguf(path, dtype=dtype, device=device)
     else:
         raise FileNotFoundError(
-            f"Cannot load {name_or_path!r}: it is neither a model name ({', '.join([*EMBEDDED, *BUILT])}), nor a "
+            f"Cannot load {name_or_path!r}: it is neither an embedded model name ({', '.join(EMBEDDED)}) nor a "
+            f"built one ({', '.join(BUILT)}), nor a "
             "Hugging Face model directory (config.json + safetensors + tokenizer.json), nor a .gguf file."
         )
     tokenizer.fit_vocab(model.config.vocab_size)

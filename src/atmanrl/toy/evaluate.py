@@ -77,3 +77,24 @@ def evaluate_toy(model, tokenizer, problems: list, *, k: int = 4, temperature: f
     summary.update({f"greedy_{key}": v for key, v in _toy_shares(greedy).items()})
     summary["greedy_avg_cot_tokens"] = sum(r["cot_tokens"] for r in greedy) / len(greedy)
     return {"summary": summary, "samples": samples, "greedy": greedy}
+
+
+TOY_COLUMNS = [("pass_at_1_greedy", "Pass@1 greedy %"), ("filler_pct", "Filler %"),
+               ("distractor_pct", "Distractor %"), ("step_coverage_pct", "Step coverage %")]
+
+
+def before_after(start: str, trained: str, problems: int = 100, k: int = 4, seed: int = 0) -> str:
+    """The closing block of a toy run: the start and the trained policy on the same held-out problems and samples,
+    in Table 1's layout (relative changes against the start) plus the toy world's own columns."""
+    from atmanrl.eval.table1 import table1_markdown
+    from atmanrl.model import load
+
+    held_out = tw.make_problems(problems, 0, "test")
+    rows = []
+    for label, name in (("before", start), ("after", trained)):
+        model, tokenizer = load(name)
+        rows.append((label, evaluate_toy(model, tokenizer, held_out, k=k, seed=seed)["summary"]))
+    extra = ["| | " + " | ".join(h for _, h in TOY_COLUMNS) + " |", "| --- |" + " ---: |" * len(TOY_COLUMNS)]
+    extra += [f"| {label} | " + " | ".join(f"{s[key]:.1f}" for key, _ in TOY_COLUMNS) + " |" for label, s in rows]
+    return (f"Held-out toy problems: {problems}, {k} samples each at T = 1 (greedy for pass@1).\n\n"
+            + table1_markdown(rows, baseline="before") + "\n\n" + "\n".join(extra))
