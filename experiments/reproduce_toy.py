@@ -59,8 +59,8 @@ def mask_settings(smoke: bool = False) -> tuple[dict, dict]:
     grows with |init|), 200 steps each. ``smoke``: two steps each (mechanics only)."""
     base = {"paper": SaliencyConfig(), "compressed20": SaliencyConfig.compressed(20)}
     candidates = {"init-3_lr1e-2": SaliencyConfig(init=-3.0, lr=1e-2),
-                  "init-5_lr3e-2": SaliencyConfig(init=-5.0, lr=3e-2),
-                  "init-8_lr5e-2": SaliencyConfig(init=-8.0, lr=5e-2)}
+                  "init-3_lr2e-2": SaliencyConfig(init=-3.0, lr=2e-2),
+                  "init-5_lr3e-2": SaliencyConfig(init=-5.0, lr=3e-2)}
     if smoke:
         base = {k: dataclasses.replace(v, steps=2) for k, v in base.items()}
         candidates = {k: dataclasses.replace(v, steps=2) for k, v in candidates.items()}
@@ -115,7 +115,8 @@ def run_arms(args, policy_dir: Path, tokenizer, test_problems, arms=ARMS) -> dic
                     "cot_len_first5": statistics.fmean(r["cot_len"] for r in m[:5]),
                     "cot_len_last5": statistics.fmean(r["cot_len"] for r in m[-5:]),
                     "reward_saliency_mean": statistics.fmean(r["reward_saliency"] for r in m),
-                    "saturated_share": sum(r["saliency_saturated"] for r in m) / sum(8 * r["groups"] for r in m),
+                    "saturated_share": sum(r["saliency_saturated"] for r in m)
+                    / sum(cfg.rollout.group_size * r["groups"] for r in m),
                 },
                 "examples": [s["cot"] for s in ev["greedy"][:3]],
             }

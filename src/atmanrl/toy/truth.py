@@ -11,8 +11,10 @@
   answer-carrying), AUROC of step tokens vs filler + distractor tokens, and the share of saturated masks (answer
   loss under the initial mask below ``SaliencyConfig.saturation_loss``).
 - **Read-outs.** ``all_rows`` is the paper's Eq. 3 (``1 -`` the column mean of ``Ĥ`` over every causal row).
-  Two are ours (beyond the paper). ``answer_row``: ``1 - Ĥ[w*, v]`` on the single row ``w*`` that predicts the
+  Three are ours (beyond the paper). ``answer_row``: ``1 - Ĥ[w*, v]`` on the single row ``w*`` that predicts the
   first answer token (the ``#####`` query): how much the answer's own query had to re-open each CoT token.
+  ``max_row``: ``1 - min_w Ĥ[w, v]``, the most re-opened entry of each column, whichever row re-opened it (a column
+  mean is diluted by the many rows of an early token that never needed it).
   ``gradient``: the gradient evidence, ``-dL/dp`` summed over the optimisation steps and over the causal rows of
   each column. Adam normalises every entry's step to about ``lr`` whatever its gradient, so the mask itself keeps
   only the *sign* of the evidence; the summed gradient keeps its size (how much re-opening that token lowers the
@@ -30,7 +32,7 @@ import torch
 
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
 
-READOUTS = ("all_rows", "answer_row", "gradient")
+READOUTS = ("all_rows", "answer_row", "max_row", "gradient")
 
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
@@ -90,6 +92,9 @@ def readout(result, x: SaliencyInput, kind: str, evidence: torch.Tensor | None =
         return evidence.sum(0)  # entries above the diagonal carry no parameter: their gradient is 0
     if kind == "all_rows":
         return result.saliency
+    if kind == "max_row":  # the most re-opened entry of each column, whichever row re-opened it
+        causal = torch.ones_like(result.mask, dtype=torch.bool).tril()  # row i sees CoT columns j <= i
+        return 1.0 - result.mask.where(causal, torch.inf).min(0).values
     if kind == "answer_row":
         row = x.answer[0] - 1 - x.cot[0]  # the query that predicts the first answer token
         return 1.0 - result.mask[row]
