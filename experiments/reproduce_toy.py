@@ -249,14 +249,16 @@ def write_report(args, results: dict) -> str:
         f"Command: `{results['command']}`", "",
         f"Machine: {results['machine']}; total {results['seconds'] / 60:.1f} minutes.", "",
     ]
-    sft = results["sft"]
+    sft, full = results["sft"], results["sft"]["heldout_full"]
     lines += ["## Warm start (SFT)", "",
-              f"Model directory `{sft['dir']}` ({sft['parameters']} parameters), settings `{json.dumps(sft['settings'])}`.",
+              f"Model directory `{sft['dir']}` ({sft['parameters']} parameters), "
+              f"settings `{json.dumps(sft['settings'])}`.",
               f"Held-out ({results['heldout_problems']} test-split problems, greedy + {args.k} samples at T = 1): "
               f"pass@1 greedy {sft['heldout']['pass_at_1_greedy']:.1f} %, sampled accuracy "
               f"{sft['heldout']['accuracy']:.1f} %, pass@{args.k} {sft['heldout']['pass_at_k']:.1f} %; sampled CoTs "
-              f"with filler {sft['heldout_full']['style_filler_pct']:.0f} %, with distractors "
-              f"{sft['heldout_full']['style_distractor_pct']:.0f} %, dense {sft['heldout_full']['style_dense_pct']:.0f} %.",
+              f"with filler {full['style_filler_pct']:.0f} %, with distractors {full['style_distractor_pct']:.0f} %, "
+              f"dense {full['style_dense_pct']:.0f} %; their accuracy: dense {full['accuracy_dense_pct']:.1f} %, "
+              f"filler {full['accuracy_filler_pct']:.1f} %, distractor {full['accuracy_distractor_pct']:.1f} %.",
               ""]
     agg = results["arms"]
     lines += [f"## Held-out evaluation after {args.updates} updates (mean ± std over {args.seeds} seeds)", "",
@@ -296,9 +298,9 @@ def write_report(args, results: dict) -> str:
               "vs filler+distractor tokens, share of saturated masks.", ""]
     for seed, info in tr["per_seed"].items():
         lines.append(f"- CoT set {seed}: {info['cots']} CoTs, answer-carrying tokens per CoT "
-                     f"{_ms(info['answer_carrying_per_cot'], 2)}, CoTs with none {info['cots_without_answer_carrying']}, "
-                     f"share of answer-carrying tokens that are the asked step's written result "
-                     f"{info['carrying_is_asked_result']:.2f}.")
+                     f"{_ms(info['answer_carrying_per_cot'], 2)}, CoTs with none "
+                     f"{info['cots_without_answer_carrying']}, share of answer-carrying tokens that are the asked "
+                     f"step's written result {info['carrying_is_asked_result']:.2f}.")
     lines += ["", f"Option beyond the paper selected on CoT set 0 (criterion {sel['criterion']}): "
               f"**{sel['setting']} with the {sel['readout']} read-out**. Every candidate on set 0:", "",
               "| setting | read-out | AUROC answer | top-1 | AUROC step vs padding | saturated |",

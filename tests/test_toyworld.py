@@ -199,3 +199,23 @@ def test_reproduction_pipeline_smoke(tmp_path):
     assert results["truth"]["per_seed"]["0"]["cots"] == 3
     report = (out / "report.md").read_text()
     assert "## Saliency against planted truth" in report and "| atmanrl |" in report
+
+
+def test_readouts_on_a_hand_made_mask():
+    from types import SimpleNamespace
+
+    from atmanrl.saliency import SaliencyInput
+
+    # prompt 2 tokens, CoT 3 tokens, delimiter, answer: mask rows are the queries from the CoT start (5 rows)
+    x = SaliencyInput.from_parts([1, 2], [5, 6, 7], [4], [9])
+    h_hat = torch.tensor([[0.5, 0.0, 0.0], [0.9, 0.2, 0.0], [1.0, 1.0, 0.7], [0.8, 1.0, 0.4], [1.0, 1.0, 1.0]])
+    res = SimpleNamespace(mask=h_hat, saliency=torch.tensor([0.1, 0.2, 0.3]))
+    assert truth.readout(res, x, "all_rows") is res.saliency  # Eq. 3: what saliency() computed
+    row = x.answer[0] - 1 - x.cot[0]  # the "#####" query, row 3
+    assert row == 3
+    torch.testing.assert_close(truth.readout(res, x, "answer_row"), torch.tensor([0.2, 0.0, 0.6]))
+    torch.testing.assert_close(truth.readout(res, x, "max_row"), torch.tensor([0.5, 0.8, 0.6]))
+    evidence = torch.tensor([[1.0, 0.0, 0.0], [2.0, -1.0, 0.0], [0.0, 0.5, 3.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(truth.readout(res, x, "gradient", evidence), torch.tensor([4.0, 0.5, 4.0]))
+    with pytest.raises(ValueError, match="read-out"):
+        truth.readout(res, x, "rows")

@@ -4,8 +4,9 @@ For every problem: one greedy completion (pass@1 greedy) and ``k`` sampled ones.
 Table 1 does (``atmanrl.eval.summarize``): pass@k, mean accuracy, mean CoT tokens, spaCy shares of numbers / stop
 words / symbols. Added here, from the generator's grammar labels (``toyworld.label_cot``), pooled over the sampled
 CoTs: the share of filler and of distractor tokens among CoT tokens, the needed-step coverage (mean share of the
-problem's steps written correctly) and how often each style was written (a CoT with filler, with distractors, or
-dense: neither). The same numbers for the greedy completions carry a ``greedy_`` prefix.
+problem's steps written correctly), how often each style was written (a CoT with filler, with distractors, or
+dense: neither) and the accuracy of the CoTs of each style. The same numbers for the greedy completions carry a
+``greedy_`` prefix.
 """
 
 from __future__ import annotations
@@ -44,7 +45,17 @@ def _toy_shares(records: list[dict]) -> dict:
         "style_filler_pct": 100 * sum(r["n_filler"] > 0 for r in records) / n,
         "style_distractor_pct": 100 * sum(r["n_distractor"] > 0 for r in records) / n,
         "style_dense_pct": 100 * sum(r["n_filler"] == 0 and r["n_distractor"] == 0 for r in records) / n,
+        **{f"accuracy_{style}_pct": _accuracy([r for r in records if _style(r) == style]) for style in tw.STYLES},
     }
+
+
+def _style(record: dict) -> str:
+    """The style a CoT was written in (a CoT with both kinds of padding counts as filler)."""
+    return "filler" if record["n_filler"] else "distractor" if record["n_distractor"] else "dense"
+
+
+def _accuracy(records: list[dict]) -> float:
+    return 100 * sum(r["correct"] for r in records) / len(records) if records else float("nan")
 
 
 @torch.no_grad()
