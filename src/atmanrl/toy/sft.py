@@ -6,7 +6,8 @@
 What is notable here:
 - **Cached by its settings.** The model directory is ``$ATMANRL_CACHE/toyworld-sft-<hash>`` (default
   ``~/.cache/atmanrl``), the hash taken over every field of ``SFTSettings``; a directory is used only when it is
-  complete (written to a temporary name, renamed at the end), so an interrupted build starts over.
+  complete (written to a temporary name, renamed at the end), so an interrupted build starts over, and processes
+  that build it at the same time (the ranks of a ``torchrun``) do not clash.
 - **Styles at equal rates.** Every training example draws its style uniformly from dense / filler / distractor,
   so the policy writes each at comparable rates before RL.
 - **Loss on the completion only** (CoT + ``#####`` + answer + ``</s>``), as instruction tuning does.
@@ -116,13 +117,15 @@ def train_sft(settings: SFTSettings, out: Path, log=print) -> Path:
             log(f"[sft] step {step + 1}/{settings.steps} loss {running:.3f} | {elapsed:.0f}s, "
                 f"ETA {elapsed / (step + 1) * (settings.steps - step - 1):.0f}s")
     model.eval()
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: ranks of a torchrun may build at once
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp)
     tokenizer.save(tmp)
     (tmp / "sft_settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: same settings and seed, so the same weights; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
