@@ -235,7 +235,8 @@ def run_truth(args, model, tokenizer) -> dict:
 
 
 def _asked_result_share(items, tokenizer) -> float:
-    """Share of answer-carrying tokens that are the written result of the asked step (DESIGN's observation)."""
+    """Share of answer-carrying tokens that are the written result of the asked step (grammar would call every step
+    token needed; the model reads its answer from this one)."""
     hits = total = 0
     for it in items:
         cot = it.input.tokens[it.input.cot[0]:it.input.cot[1]]
