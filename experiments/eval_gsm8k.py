@@ -186,13 +186,9 @@ def saliency_config(args):
 
 def other_task(args, json_path: Path, md_path: Path) -> None:
     """``--task NAME --faithfulness``: one sampled CoT per problem of a registry task, then the faithfulness tests."""
-    try:
-        from atmanrl.data.tasks import make_task, task_entry
-    except ImportError:
-        raise SystemExit(f"--task {args.task}: this installation has no task registry (atmanrl.data.tasks); "
-                         f"only --task gsm8k is available") from None
     from atmanrl.config import ConfigError
     from atmanrl.data import draw_problems
+    from atmanrl.data.tasks import make_task, task_entry
     from atmanrl.eval.faithfulness import faithfulness_markdown, gsm8k_layout, task_inputs
     from atmanrl.model import load
 
@@ -200,7 +196,7 @@ def other_task(args, json_path: Path, md_path: Path) -> None:
         entry = task_entry(args.task)
     except ConfigError as e:
         raise SystemExit(f"--task: {e}") from None
-    problems = entry.problems(args.data, args.n, args.seed)
+    problems = entry.problems(args.data, args.n, args.seed, True)  # held-out problems
     if len(problems) > args.n:
         problems = draw_problems(problems, args.n, args.seed)
     if args.threads:

@@ -5,7 +5,8 @@
 Each run directory holds ``metrics.jsonl`` (one line per update) and, when ``eval.every > 0``, ``eval.jsonl``
 (held-out problems, greedy decoding: what the paper plots). With ``eval.jsonl`` the held-out numbers are drawn;
 without it, the training rollouts' accuracy and completion length per update (noisier: sampled, 8 problems).
-The legend label is the run's arm: "AtManRL" when its saliency weight is non-zero, "baseline" otherwise.
+The legend label is the run's arm: "baseline" when its saliency weight is 0, else "AtManRL" ("Eq. 3 literal" with
+``saliency.reward: eq3``).
 matplotlib is an optional extra (``pip install atmanrl[plot]``).
 """
 
@@ -24,8 +25,9 @@ def _read(path: Path) -> list[dict]:
 def _label(run: Path) -> str:
     cfg = run / "config.json"
     if cfg.is_file():
-        weight = json.loads(cfg.read_text())["saliency"]["weight"]
-        return f"{'AtManRL' if weight else 'baseline'} ({run.name})"
+        saliency = json.loads(cfg.read_text())["saliency"]
+        arm = "baseline" if not saliency["weight"] else "Eq. 3 literal" if saliency["reward"] == "eq3" else "AtManRL"
+        return f"{arm} ({run.name})"
     return run.name
 
 

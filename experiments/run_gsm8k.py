@@ -1,13 +1,14 @@
 """Train a policy with GRPO + the AtMan saliency reward (or the outcome-only baseline) on GSM8K.
 
-    torchrun experiments/run_gsm8k.py                         # the CPU default (configs/cpu_default.yaml)
+    torchrun experiments/run_gsm8k.py                         # the CPU default: the toy world (cpu_default.yaml)
     python experiments/run_gsm8k.py                           # the same, as one plain process
     torchrun --nproc_per_node 8 experiments/run_gsm8k.py --config experiments/configs/paper_llama32_3b_atmanrl.yaml \
         model.name_or_path=/path/to/Llama-3.2-3B-Instruct data.path=/path/to/gsm8k/train.jsonl
 
 Any ``key.sub=value`` after the options overrides the config (``saliency.weight=0`` is the baseline arm;
 ``data.task=NAME`` trains on another task registered in atmanrl/data/tasks.py). Writes
-``out_dir/{config.json, metrics.jsonl, eval.jsonl, checkpoints/step_N, policy/, figure2.png}``.
+``out_dir/{config.json, metrics.jsonl, eval.jsonl, checkpoints/step_N, policy/, figure2.png}``. A toy-world run
+(``data.task: toyworld``, the CPU default) ends with a before/after block in Table 1's layout on held-out problems.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def main(argv=None) -> int:
             print(f"Figure 2 written to {png}", file=sys.stderr)
         except ImportError as e:
             print(f"Figure 2 not drawn: {e}", file=sys.stderr)
+        policy = Path(result.out_dir) / "policy"
+        if cfg.data.task == "toyworld" and policy.is_dir():  # the closing before/after block (Table 1 layout)
+            from atmanrl.toy.evaluate import before_after
+
+            print(f"\nBefore ({cfg.model.name_or_path}) and after ({policy}) this run:\n"
+                  f"{before_after(cfg.model.name_or_path, str(policy))}")
     dist.shutdown()
     return 0
 

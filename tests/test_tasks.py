@@ -47,8 +47,8 @@ def test_a_new_task_is_one_entry(tmp_path, monkeypatch):
     """Registering a task is one TASKS entry: data.task then picks its problems (and its Task) in train()."""
     seen = []
 
-    def problems(path, n, seed):
-        seen.append((path, n, seed))
+    def problems(path, n, seed, held_out):
+        seen.append((path, n, seed, held_out))
         return list(range(n))
 
     monkeypatch.setitem(tasks.TASKS, "tiny", tasks.TaskEntry(make=lambda tokenizer: TinyTask(), problems=problems))
@@ -57,7 +57,7 @@ def test_a_new_task_is_one_entry(tmp_path, monkeypatch):
 
     cfg = tiny_config(tmp_path, "data.task=tiny", "data.synthetic_problems=8", "data.seed=4", "train.max_updates=1")
     result = train(cfg, policy=tiny_policy(), task=TinyTask())
-    assert seen == [(None, 8, 4)]
+    assert seen == [(None, 8, 4, False)]
     assert result.updates == 1 and result.metrics[0]["groups"] == 4
 
 

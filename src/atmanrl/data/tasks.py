@@ -21,13 +21,16 @@ from atmanrl.rl.rollout import Task
 @dataclass(frozen=True)
 class TaskEntry:
     make: Callable[[Any], Task]  # tokenizer -> Task
-    # (path, n, seed) -> problems: the problems of the file at ``path``, or ``n`` generated with ``seed`` when
-    # ``path`` is None (the config's data.path / data.synthetic_problems / data.seed, or the eval block's).
-    problems: Callable[[str | None, int, int], list]
+    # (path, n, seed, held_out) -> problems: the problems of the file at ``path``, or ``n`` generated with ``seed``
+    # when ``path`` is None (the config's data.path / data.synthetic_problems / data.seed, or the eval block's).
+    # ``held_out`` asks for evaluation problems: a task that generates its problems draws them from a split that
+    # never shares a question with the training one (a file's split is the file itself).
+    problems: Callable[[str | None, int, int, bool], list]
 
 
-def _gsm8k_problems(path: str | None, n: int, seed: int) -> list:
-    """A GSM8K jsonl file, or ``n`` of the embedded synthetic GSM8K-style problems (no download needed)."""
+def _gsm8k_problems(path: str | None, n: int, seed: int, held_out: bool) -> list:
+    """A GSM8K jsonl file, or ``n`` of the embedded synthetic GSM8K-style problems (no download needed; the
+    held-out ones differ by their seed only: eval.seed vs data.seed)."""
     if path is None:
         from atmanrl.data.synthetic import make_problems
 
@@ -43,8 +46,25 @@ def _gsm8k_task(tokenizer) -> Task:
     return GSM8KTask(tokenizer)
 
 
+def _toyworld_problems(path: str | None, n: int, seed: int, held_out: bool) -> list:
+    """``n`` seeded toy-world problems of the train or the test split (the toy world has no files)."""
+    if path is not None:
+        raise ConfigError(f"data.task: toyworld generates its problems; data.path and eval.path must be null, "
+                          f"got {path!r}")
+    from atmanrl.data.toyworld import make_problems
+
+    return make_problems(n, seed, "test" if held_out else "train")
+
+
+def _toyworld_task(tokenizer) -> Task:
+    from atmanrl.data.toyworld import ToyTask
+
+    return ToyTask(tokenizer)
+
+
 TASKS: dict[str, TaskEntry] = {
     "gsm8k": TaskEntry(make=_gsm8k_task, problems=_gsm8k_problems),
+    "toyworld": TaskEntry(make=_toyworld_task, problems=_toyworld_problems),
 }
 
 
@@ -64,7 +84,7 @@ def make_task(name: str, tokenizer) -> Task:
 def load_problems(data: DataConfig) -> list:
     """The training problems of ``data.task``: ``data.path``'s file, or ``data.synthetic_problems`` generated ones
     when the path is null; the first ``data.max_problems`` of them when that is set."""
-    problems = task_entry(data.task).problems(data.path, data.synthetic_problems, data.seed)
+    problems = task_entry(data.task).problems(data.path, data.synthetic_problems, data.seed, False)
     return problems[: data.max_problems] if data.max_problems is not None else problems
 
 
@@ -74,7 +94,7 @@ def load_eval_problems(data: DataConfig, eval_cfg: EvalConfig) -> list:
     generated with ``eval.seed`` when the path is null."""
     from atmanrl.data.gsm8k import draw_problems
 
-    problems = task_entry(data.task).problems(eval_cfg.path, eval_cfg.problems, eval_cfg.seed)
+    problems = task_entry(data.task).problems(eval_cfg.path, eval_cfg.problems, eval_cfg.seed, True)
     if len(problems) > eval_cfg.problems:
         problems = draw_problems(problems, eval_cfg.problems, eval_cfg.seed)
     return problems

@@ -42,12 +42,26 @@ def embedded_path(name: str) -> Path:
     return path
 
 
+def _toyworld_sft() -> Path:
+    from atmanrl.toy.sft import sft_model_dir
+
+    return sft_model_dir()
+
+
+# Models the project builds itself on first use and caches on disk: name -> function returning the directory.
+BUILT = {"toyworld-sft": _toyworld_sft}
+
+
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
-    """``(model, tokenizer)`` from an embedded model name (``"smollm2-135m-instruct"``), a Hugging Face directory
+    """``(model, tokenizer)`` from an embedded model name (``"smollm2-135m-instruct"``), a built one
+    (``"toyworld-sft"``: the toy world's SFT warm start, ``atmanrl.toy.sft``), a Hugging Face directory
     (config.json, safetensors, tokenizer.json) or a ``.gguf`` file. GGUF weights are dequantized to float32 and then
     cast to ``dtype``. The tokenizer is fitted to the model's embedding (``Tokenizer.fit_vocab``)."""
     key = str(name_or_path)
-    path = embedded_path(key.lower()) if key.lower() in EMBEDDED else Path(name_or_path)
+    if key.lower() in BUILT:  # the toy world's warm start: trained on first use (minutes), then reused
+        path = BUILT[key.lower()]()
+    else:
+        path = embedded_path(key.lower()) if key.lower() in EMBEDDED else Path(name_or_path)
     start = time.perf_counter()
     if path.is_dir():
         from .checkpoint import load_hf
@@ -63,7 +77,8 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="c
         model, tokenizer = load_gguf(path, dtype=dtype, device=device)
     else:
         raise FileNotFoundError(
-            f"Cannot load {name_or_path!r}: it is neither an embedded model name ({', '.join(EMBEDDED)}), nor a "
+            f"Cannot load {name_or_path!r}: it is neither an embedded model name ({', '.join(EMBEDDED)}) nor a "
+            f"built one ({', '.join(BUILT)}), nor a "
             "Hugging Face model directory (config.json + safetensors + tokenizer.json), nor a .gguf file."
         )
     tokenizer.fit_vocab(model.config.vocab_size)

@@ -1,0 +1,495 @@
+"""Reproduce the paper's Table 1 direction in the toy world, on a CPU, in one command.
+
+    python experiments/reproduce_toy.py [--out runs/toyworld] [--seeds 3] [--updates 40]
+
+1. the SFT warm start (``atmanrl.toy.sft``; built once and cached, or reused);
+2. the arms through the project's own ``train()`` with ``experiments/configs/toy_{baseline,atmanrl,eq3}.yaml``,
+   every seed, the same number of updates;
+3. held-out evaluation of the warm start and of every trained policy (``atmanrl.toy.evaluate``): the Table 1 block
+   plus filler / distractor shares and needed-step coverage;
+4. saliency against planted truth (``atmanrl.toy.truth``) on the warm start's own correct CoTs: the paper's
+   setting, ``SaliencyConfig.compressed(20)`` and candidate options beyond the paper; the option is SELECTED on
+   the first seed's CoTs and REPORTED on the other seeds' CoTs; plus each setting's reward gap between dense and
+   padded gold CoTs (the training signal);
+5. ``report.md``, ``results.json`` (every number, per arm and seed) and the PNGs into ``--out``.
+
+``--smoke`` runs the same pipeline with a model of a few thousand parameters and a handful of updates (seconds):
+the mechanics only, what tests/test_toyworld.py checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # plot_run.py sits next to this file
+
+import torch  # noqa: E402
+
+from atmanrl.config import load_config  # noqa: E402
+from atmanrl.data import toyworld as tw  # noqa: E402
+from atmanrl.model import load  # noqa: E402
+from atmanrl.rl.trainer import train  # noqa: E402
+from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency  # noqa: E402
+from atmanrl.toy import truth  # noqa: E402
+from atmanrl.toy.evaluate import evaluate_toy  # noqa: E402
+from atmanrl.toy.sft import SFTSettings, sft_model_dir  # noqa: E402
+
+ARMS = ("baseline", "atmanrl", "eq3")
+# Held-out numbers reported per arm: (key, column header, decimals). The first seven are Table 1's block.
+COLUMNS = [
+    ("pass_at_1_greedy", "pass@1 greedy %", 1), ("pass_at_k", "pass@4 %", 1), ("accuracy", "sampled acc. %", 1),
+    ("avg_cot_tokens", "CoT tokens", 1), ("numbers_pct", "numbers %", 1), ("stop_words_pct", "stop words %", 1),
+    ("symbols_pct", "symbols %", 1), ("filler_pct", "filler %", 1), ("distractor_pct", "distractor %", 1),
+    ("padding_pct", "filler+distr. %", 1), ("step_coverage_pct", "step coverage %", 1),
+]
+
+
+def mask_settings(smoke: bool = False) -> tuple[dict, dict]:
+    """(reference settings, candidate options) of the saliency study. "paper" is the default (section 3.4);
+    the rest are beyond the paper: candidates start from a stronger suppression with a matching lr (steps x lr
+    grows with |init|), 200 steps each. ``smoke``: two steps each (mechanics only)."""
+    base = {"paper": SaliencyConfig(), "compressed20": SaliencyConfig.compressed(20)}
+    candidates = {"init-3_lr1e-2": SaliencyConfig(init=-3.0, lr=1e-2),
+                  "init-3_lr2e-2": SaliencyConfig(init=-3.0, lr=2e-2),
+                  "init-5_lr3e-2": SaliencyConfig(init=-5.0, lr=3e-2)}
+    if smoke:
+        base = {k: dataclasses.replace(v, steps=2) for k, v in base.items()}
+        candidates = {k: dataclasses.replace(v, steps=2) for k, v in candidates.items()}
+    return base, candidates
+
+
+def log(msg: str) -> None:
+    print(f"[reproduce_toy] {msg}", file=sys.stderr, flush=True)
+
+
+def stats(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summary_row(summary: dict) -> dict:
+    row = {k: summary[k] for k, _, _ in COLUMNS if k in summary}
+    row["padding_pct"] = summary["filler_pct"] + summary["distractor_pct"]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_arms(args, policy_dir: Path, tokenizer, test_problems, arms=ARMS) -> dict:
+    runs = {}
+    for arm in arms:
+        for seed in range(args.seeds):
+            out = args.out / "runs" / f"{arm}_seed{seed}"
+            overrides = [f"out_dir={out}", f"model.name_or_path={policy_dir}", f"train.seed={seed}",
+                         f"data.seed={seed}", f"train.max_updates={args.updates}", *args.override]
+            cfg = load_config(HERE / "configs" / f"toy_{arm}.yaml", overrides)
+            log(f"arm {arm}, seed {seed}: {args.updates} updates -> {out}")
+            t0 = time.perf_counter()
+            result = train(cfg)
+            seconds = time.perf_counter() - t0
+            policy, _ = load(out / "policy")
+            ev = evaluate_toy(policy, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
+            m = result.metrics
+            runs[f"{arm}_seed{seed}"] = {
+                "arm": arm, "seed": seed, "updates": result.updates, "seconds": seconds, "dir": str(out),
+                "heldout": summary_row(ev["summary"]), "heldout_full": ev["summary"],
+                "train": {
+                    "zero_variance_share": sum(r["zero_variance_groups"] for r in m) / sum(r["groups"] for r in m),
+                    "rollout_accuracy_first5": statistics.fmean(r["accuracy"] for r in m[:5]),
+                    "rollout_accuracy_last5": statistics.fmean(r["accuracy"] for r in m[-5:]),
+                    "cot_len_first5": statistics.fmean(r["cot_len"] for r in m[:5]),
+                    "cot_len_last5": statistics.fmean(r["cot_len"] for r in m[-5:]),
+                    "reward_saliency_mean": statistics.fmean(r["reward_saliency"] for r in m),
+                    "saturated_share": sum(r["saliency_saturated"] for r in m)
+                    / sum(cfg.rollout.group_size * r["groups"] for r in m),
+                },
+                "examples": [s["cot"] for s in ev["greedy"][:3]],
+            }
+            log(f"arm {arm}, seed {seed}: {seconds:.0f}s; held-out " + ", ".join(
+                f"{k} {v:.1f}" for k, v in runs[f'{arm}_seed{seed}']['heldout'].items()))
+    return runs
+
+
+def aggregate(runs: dict) -> dict:
+    out = {}
+    for arm in ARMS:
+        mine = [r for r in runs.values() if r["arm"] == arm]
+        if not mine:
+            continue
+        keys = list(mine[0]["heldout"]) + [f"train.{k}" for k in mine[0]["train"]]
+        out[arm] = {k: stats([r["train"][k[6:]] if k.startswith("train.") else r["heldout"][k] for r in mine])
+                    for k in keys}
+    return out
+
+
+def plot_arms(runs: dict, out: Path) -> Path:
+    """Figure 2 from the training rollouts (sampled at T = 1, so padding shows in the length; the held-out greedy
+    curves of ``figure2.png`` are always dense): per arm, the mean over seeds of accuracy and CoT length per
+    update, with the min-max band of the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for arm in ARMS:
+        series = [[json.loads(line) for line in (Path(r["dir"]) / "metrics.jsonl").read_text().splitlines()]
+                  for r in runs.values() if r["arm"] == arm]
+        if not series:
+            continue
+        n = min(map(len, series))
+        x = list(range(1, n + 1))
+        for ax, key in zip(axes, ("accuracy", "cot_len")):
+            values = torch.tensor([[m[i][key] for i in range(n)] for m in series])
+            ax.plot(x, values.mean(0), label=f"{arm} ({len(series)} seeds)")
+            ax.fill_between(x, values.min(0).values, values.max(0).values, alpha=0.2)
+    axes[0].set(xlabel="update", ylabel="accuracy", title="Rollout accuracy (sampled, T = 1)")
+    axes[1].set(xlabel="update", ylabel="tokens", title="Rollout CoT length (sampled, T = 1)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig, seed: int) -> dict:
+    """The training signal of a mask setting: the rollout reward (``reenable``) of each problem's dense gold CoT
+    vs the same steps padded with filler, and with distractors."""
+    task, rng = tw.ToyTask(tokenizer), random.Random(f"gap/{seed}")
+    inputs, kinds = [], []
+    for p in problems:
+        for style in tw.STYLES:
+            words, _ = tw.gold_cot(p, style, rng)
+            inputs.append(SaliencyInput.from_parts(task.prompt(p), tokenizer.encode(" ".join(words)),
+                                                   [task.delim_id], tokenizer.encode(p.gold)))
+            kinds.append(style)
+    res = saliency(model, inputs, cfg)
+    r = {s: [x.reward_reenable for x, k in zip(res, kinds) if k == s] for s in tw.STYLES}
+    padded = [(a + b) / 2 for a, b in zip(r["filler"], r["distractor"])]
+    return {"dense": statistics.fmean(r["dense"]), "filler": statistics.fmean(r["filler"]),
+            "distractor": statistics.fmean(r["distractor"]),
+            "gap_dense_minus_padded": statistics.fmean(r["dense"]) - statistics.fmean(padded),
+            "dense_above_padded_share": statistics.fmean(float(d > p) for d, p in zip(r["dense"], padded))}
+
+
+def run_truth(args, model, tokenizer) -> dict:
+    """Saliency vs planted truth: select the option on seed 0's CoTs, report on the other seeds' CoTs."""
+    base, candidates = mask_settings(args.smoke)
+    problems = tw.make_problems(args.truth_problems * args.seeds, 99, "test")
+    per_seed = len(problems) // args.seeds
+    out = {"per_seed": {}, "selection": {}}
+    chosen = None
+    for seed in range(args.seeds):
+        items = truth.labelled_cots(model, tokenizer, problems[seed * per_seed:(seed + 1) * per_seed],
+                                    args.truth_cots, seed, own=not args.smoke)
+        n_carry = [sum(it.carrying) for it in items]
+        info = {"cots": len(items), "answer_carrying_per_cot": stats(n_carry),
+                "cots_without_answer_carrying": sum(n == 0 for n in n_carry),
+                "carrying_is_asked_result": _asked_result_share(items, tokenizer)}
+        settings = dict(base)
+        if seed == 0:
+            settings.update(candidates)
+        t0 = time.perf_counter()
+        info["scores"] = truth.study(model, items, settings)
+        info["seconds"] = time.perf_counter() - t0
+        if seed == 0:  # selection: the candidate (setting x read-out) with the best top-1 + AUROC on this seed
+            ranked = sorted(((s["top1"] + s["auroc_answer"], name, kind) for name in candidates
+                             for kind, s in info["scores"][name].items()), reverse=True)
+            chosen = (ranked[0][1], ranked[0][2])
+            out["selection"] = {"setting": chosen[0], "readout": chosen[1], "criterion": "top1 + auroc_answer",
+                                "ranking": [[n, k, v] for v, n, k in ranked]}
+            log(f"saliency option selected on seed 0: {chosen[0]} with read-out {chosen[1]}")
+        else:
+            info["scores"].update(truth.study(model, items, {chosen[0]: candidates[chosen[0]]}, [chosen[1]]))
+        out["per_seed"][str(seed)] = info
+        log(f"truth seed {seed}: {len(items)} CoTs; " + "; ".join(
+            f"{n}/{k}: AUROC {s['auroc_answer']:.2f} top-1 {s['top1']:.2f} sat {s['saturated_share']:.2f}"
+            for n, d in info["scores"].items() for k, s in d.items()))
+    reported = [s for s in range(1, args.seeds)] or [0]
+    rows = {("paper", "all_rows"), ("compressed20", "all_rows"), ("paper", "gradient"), chosen}
+    out["reported"] = {f"{n}/{k}": {m: stats([out["per_seed"][str(s)]["scores"][n][k][m] for s in reported])
+                                    for m in ("auroc_answer", "top1", "auroc_step_vs_padding", "saturated_share")}
+                       for n, k in sorted(rows)}
+    out["reported_on_seeds"] = reported
+    gap_problems = tw.make_problems(args.gap_problems, 7, "test")
+    out["reward_gap"] = {name: reward_gap(model, tokenizer, gap_problems, cfg, 0)
+                         for name, cfg in {**base, chosen[0]: candidates[chosen[0]]}.items()}
+    return out
+
+
+def _asked_result_share(items, tokenizer) -> float:
+    """Share of answer-carrying tokens that are the written result of the asked step (grammar would call every step
+    token needed; the model reads its answer from this one)."""
+    hits = total = 0
+    for it in items:
+        cot = it.input.tokens[it.input.cot[0]:it.input.cot[1]]
+        words = [tokenizer.tokenizer.id_to_token(t) for t in cot]
+        for i, c in enumerate(it.carrying):
+            if c:
+                total += 1
+                hits += words[i] == it.problem.gold and it.grammar[i] == "step" and i + 1 < len(words) \
+                    and words[i + 1] == "."
+    return hits / total if total else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ms(s: dict, d: int = 1) -> str:
+    return "n/a" if s["n"] == 0 else f"{s['mean']:.{d}f} ± {s['std']:.{d}f}"
+
+
+def checks(agg: dict) -> list[tuple[str, bool, str]]:
+    """The issue's "what must hold", evaluated on the numbers (AtManRL vs baseline)."""
+    if "atmanrl" not in agg or "baseline" not in agg:
+        return []
+    a, b = agg["atmanrl"], agg["baseline"]
+    out = []
+    for key, name in (("padding_pct", "filler+distractor share"), ("avg_cot_tokens", "mean CoT tokens")):
+        diff = b[key]["mean"] - a[key]["mean"]
+        spread = max(a[key]["std"], b[key]["std"])
+        out.append((f"{name} lower by more than the seed spread", diff > spread,
+                    f"baseline {_ms(b[key])} vs AtManRL {_ms(a[key])}: lower by {diff:.1f}, spread {spread:.1f}"))
+    for key, name in (("pass_at_1_greedy", "pass@1 greedy"), ("pass_at_k", "pass@4")):
+        diff = a[key]["mean"] - b[key]["mean"]
+        out.append((f"{name} within 2 points of the baseline", abs(diff) <= 2 or diff > 0,
+                    f"baseline {_ms(b[key])} vs AtManRL {_ms(a[key])}: {diff:+.1f} points"))
+    return out
+
+
+def write_report(args, results: dict) -> str:
+    lines = [
+        "# Toy world reproduction: AtManRL vs baseline vs literal Eq. 3", "",
+        f"Command: `{results['command']}`", "",
+        f"Machine: {results['machine']}; total {results['seconds'] / 60:.1f} minutes.", "",
+    ]
+    sft, full = results["sft"], results["sft"]["heldout_full"]
+    lines += ["## Warm start (SFT)", "",
+              f"Model directory `{sft['dir']}` ({sft['parameters']} parameters), "
+              f"settings `{json.dumps(sft['settings'])}`.",
+              f"Held-out ({results['heldout_problems']} test-split problems, greedy + {args.k} samples at T = 1): "
+              f"pass@1 greedy {sft['heldout']['pass_at_1_greedy']:.1f} %, sampled accuracy "
+              f"{sft['heldout']['accuracy']:.1f} %, pass@{args.k} {sft['heldout']['pass_at_k']:.1f} %; sampled CoTs "
+              f"with filler {full['style_filler_pct']:.0f} %, with distractors {full['style_distractor_pct']:.0f} %, "
+              f"dense {full['style_dense_pct']:.0f} %; their accuracy: dense {full['accuracy_dense_pct']:.1f} %, "
+              f"filler {full['accuracy_filler_pct']:.1f} %, distractor {full['accuracy_distractor_pct']:.1f} %.",
+              ""]
+    agg = results["arms"]
+    lines += [f"## Held-out evaluation after {args.updates} updates (mean ± std over {args.seeds} seeds)", "",
+              "Table 1's block (pass@k, CoT tokens, spaCy shares; sampled, T = 1) plus the toy world's own counts "
+              "(filler / distractor share of CoT tokens, needed-step coverage). The SFT row is the common start.", "",
+              "| | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "| --- |" + " ---: |" * len(COLUMNS)]
+    lines.append("| SFT start | " + " | ".join(f"{sft['heldout'][k]:.{d}f}" for k, _, d in COLUMNS) + " |")
+    for arm in ARMS:
+        if arm in agg:
+            lines.append(f"| {arm} | " + " | ".join(_ms(agg[arm][k], d) for k, _, d in COLUMNS) + " |")
+    lines += ["", "Training (mean ± std over seeds): share of zero-variance GRPO groups, rollout accuracy and CoT "
+              "length over the first / last 5 updates, mean saliency reward, saturated masks.", "",
+              "| arm | zero-var groups | acc first 5 | acc last 5 | CoT first 5 | CoT last 5 | R_sal | saturated |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm in ARMS:
+        if arm in agg:
+            a = agg[arm]
+            lines.append(f"| {arm} | " + " | ".join(_ms(a[f"train.{k}"], 3 if "reward" in k else 2) for k in (
+                "zero_variance_share", "rollout_accuracy_first5", "rollout_accuracy_last5", "cot_len_first5",
+                "cot_len_last5", "reward_saliency_mean", "saturated_share")) + " |")
+    lines += ["", "Per seed (held-out):", "", "| run | " + " | ".join(h for _, h, _ in COLUMNS) + " | minutes |",
+              "| --- |" + " ---: |" * (len(COLUMNS) + 1)]
+    for name, r in results["runs"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['heldout'][k]:.{d}f}" for k, _, d in COLUMNS)
+                     + f" | {r['seconds'] / 60:.1f} |")
+    lines += ["", "### What must hold (AtManRL vs baseline)", ""]
+    for name, ok, detail in results["checks"]:
+        lines.append(f"- {'holds' if ok else 'does NOT hold'}: {name} ({detail})")
+    lines += ["", "Figure 2: `figure2_rollouts.png` (training rollouts, sampled: mean and min-max of the seeds per "
+              "arm) and `figure2.png` (held-out greedy accuracy and response length every 10 updates, every run; "
+              "greedy CoTs are dense from the start, so that length does not move).", ""]
+    tr = results["truth"]
+    sel = tr["selection"]
+    lines += ["## Saliency against planted truth", "",
+              "On the warm start's own correct sampled CoTs of held-out problems; a token is answer-carrying when "
+              "altering it (a number +-1..3, teacher-forced) changes the greedy answer for most alterations. "
+              "Scores are per CoT, averaged: AUROC answer-carrying vs other CoT tokens, top-1 hit rate, AUROC step "
+              "vs filler+distractor tokens, share of saturated masks.", ""]
+    for seed, info in tr["per_seed"].items():
+        lines.append(f"- CoT set {seed}: {info['cots']} CoTs, answer-carrying tokens per CoT "
+                     f"{_ms(info['answer_carrying_per_cot'], 2)}, CoTs with none "
+                     f"{info['cots_without_answer_carrying']}, share of answer-carrying tokens that are the asked "
+                     f"step's written result {info['carrying_is_asked_result']:.2f}.")
+    lines += ["", f"Option beyond the paper selected on CoT set 0 (criterion {sel['criterion']}): "
+              f"**{sel['setting']} with the {sel['readout']} read-out**. Every candidate on set 0:", "",
+              "| setting | read-out | AUROC answer | top-1 | AUROC step vs padding | saturated |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, d in tr["per_seed"]["0"]["scores"].items():
+        for kind, s in d.items():
+            lines.append(f"| {name} | {kind} | {s['auroc_answer']:.3f} | {s['top1']:.3f} | "
+                         f"{s['auroc_step_vs_padding']:.3f} | {s['saturated_share']:.2f} |")
+    lines += ["", f"Reported on CoT sets {tr['reported_on_seeds']} (mean ± std over sets):", "",
+              "| setting / read-out | AUROC answer | top-1 | AUROC step vs padding | saturated |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for name, s in tr["reported"].items():
+        lines.append(f"| {name} | {_ms(s['auroc_answer'], 3)} | {_ms(s['top1'], 3)} | "
+                     f"{_ms(s['auroc_step_vs_padding'], 3)} | {_ms(s['saturated_share'], 2)} |")
+    lines += ["", "Training signal of each setting: rollout reward (`reenable`) of the dense gold CoT vs the same "
+              "steps padded with filler or distractors (held-out problems).", "",
+              "| setting | dense | filler | distractor | gap dense - padded | dense above padded |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, g in tr["reward_gap"].items():
+        lines.append(f"| {name} | {g['dense']:.4f} | {g['filler']:.4f} | {g['distractor']:.4f} | "
+                     f"{g['gap_dense_minus_padded']:+.4f} | {g['dense_above_padded_share']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+PARTS = ("truth", *ARMS)  # independent pieces of work; --jobs runs them as parallel processes
+
+
+def run_part(args, part: str, policy_dir: Path, model, tokenizer, test_problems) -> dict:
+    if part == "truth":
+        return run_truth(args, model, tokenizer)
+    return run_arms(args, policy_dir, tokenizer, test_problems, [part])
+
+
+def run_parts(args, argv: list[str], policy_dir: Path, model, tokenizer, test_problems) -> dict:
+    """Every part, in this process (``--jobs 1``) or as up to ``--jobs`` child processes (one part each, logs in
+    ``out/logs``); each part's numbers go to ``out/parts/<part>.json``."""
+    parts_dir = args.out / "parts"
+    parts_dir.mkdir(exist_ok=True)
+    todo = [p for p in PARTS if not (args.reuse and (parts_dir / f"{p}.json").is_file())]
+    if len(todo) < len(PARTS):
+        log(f"--reuse: taking {sorted(set(PARTS) - set(todo))} from {parts_dir}")
+    if args.jobs <= 1:
+        for part in todo:
+            (parts_dir / f"{part}.json").write_text(
+                json.dumps(run_part(args, part, policy_dir, model, tokenizer, test_problems), default=str) + "\n")
+    else:
+        import subprocess
+
+        (args.out / "logs").mkdir(exist_ok=True)
+        running = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                part = todo.pop(0)
+                logf = open(args.out / "logs" / f"{part}.log", "w")
+                cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--jobs", "1", "--part", part]
+                running.append((part, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
+                log(f"started part {part} (log: {args.out / 'logs' / f'{part}.log'})")
+            time.sleep(2)
+            for item in list(running):
+                part, proc, logf = item
+                if proc.poll() is not None:
+                    logf.close()
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"part {part} failed (exit {proc.returncode}); see "
+                                           f"{args.out / 'logs' / f'{part}.log'}")
+                    log(f"part {part} done")
+    return {part: json.loads((parts_dir / f"{part}.json").read_text()) for part in PARTS}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (and CoT sets of the saliency study)")
+    parser.add_argument("--updates", type=int, default=30, help="updates per run (the same for every arm)")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out problems for the evaluation")
+    parser.add_argument("--k", type=int, default=4, help="samples per held-out problem (pass@k)")
+    parser.add_argument("--eval-seed", type=int, default=0, help="sampling seed of the held-out evaluation")
+    parser.add_argument("--truth-problems", type=int, default=96, help="problems per CoT set of the saliency study")
+    parser.add_argument("--truth-cots", type=int, default=48, help="correct CoTs per set of the saliency study")
+    parser.add_argument("--gap-problems", type=int, default=24, help="problems for the dense-vs-padded reward gap")
+    parser.add_argument("--jobs", type=int, default=1, help="run the saliency study and the three arms as this "
+                                                             "many parallel processes (one torch thread each)")
+    parser.add_argument("--part", choices=PARTS, help="compute only this part (a child process of --jobs)")
+    parser.add_argument("--reuse", action="store_true", help="take parts already in OUT/parts (an interrupted or "
+                                                              "partial run with the same arguments)")
+    parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
+    parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
+    argv = list(argv if argv is not None else sys.argv[1:])
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    t_begin = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = SFTSettings()
+    if args.smoke:
+        settings = SFTSettings(hidden_size=16, layers=1, heads=2, intermediate_size=32, steps=20, batch_size=8,
+                               problems=64)
+        args.override = ["rollout.group_size=2", "rollout.max_new_tokens=12", "train.problems_per_update=2",
+                         "saliency.steps=2", "eval.problems=4", "eval.every=1", "eval.max_new_tokens=12",
+                         *args.override]
+    policy_dir = sft_model_dir(settings, args.out / "sft" if args.smoke else None)
+    model, tokenizer = load(policy_dir)
+    model.eval().requires_grad_(False)
+    test_problems = tw.make_problems(args.heldout, 0, "test")
+    if args.part is not None:
+        result = run_part(args, args.part, policy_dir, model, tokenizer, test_problems)
+        (args.out / "parts").mkdir(exist_ok=True)
+        (args.out / "parts" / f"{args.part}.json").write_text(json.dumps(result, default=str) + "\n")
+        return 0
+    log(f"held-out evaluation of the warm start on {len(test_problems)} problems")
+    sft_eval = evaluate_toy(model, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
+    results = {
+        "command": "python experiments/reproduce_toy.py " + " ".join(argv),
+        "machine": f"{max(args.jobs, 1)} process(es) x {torch.get_num_threads()} torch thread(s), "
+                   f"torch {torch.__version__}",
+        "heldout_problems": len(test_problems),
+        "sft": {"dir": str(policy_dir), "settings": dataclasses.asdict(settings),
+                "parameters": model.num_parameters, "heldout": summary_row(sft_eval["summary"]),
+                "heldout_full": sft_eval["summary"]},
+    }
+    parts = run_parts(args, _strip_jobs(argv), policy_dir, model, tokenizer, test_problems)
+    results["truth"] = parts["truth"]
+    runs = {name: run for arm in ARMS for name, run in parts[arm].items()}
+    results["runs"] = runs
+    results["arms"] = aggregate(runs)
+    results["checks"] = checks(results["arms"])
+    try:
+        from plot_run import plot_runs
+
+        plot_runs([r["dir"] for r in runs.values()], args.out / "figure2.png")
+        plot_arms(runs, args.out / "figure2_rollouts.png")
+    except ImportError as e:
+        log(f"Figure 2 not drawn: {e}")
+    results["seconds"] = time.perf_counter() - t_begin
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (args.out / "report.md").write_text(write_report(args, results))
+    log(f"done in {results['seconds'] / 60:.1f} minutes: {args.out / 'report.md'}")
+    return 0
+
+
+def _strip_jobs(argv: list[str]) -> list[str]:
+    """``argv`` without ``--jobs N`` / ``--jobs=N`` (the children get ``--jobs 1 --part P``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--jobs":
+            skip = True
+        elif not a.startswith("--jobs="):
+            out.append(a)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

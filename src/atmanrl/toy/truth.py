@@ -1,0 +1,200 @@
+"""Saliency against planted truth: which CoT tokens carry the answer, and how well a saliency map finds them.
+
+- **Answer-carrying tokens, by intervention** (``answer_carrying``). The CoT is teacher-forced up to ``#####``, one
+  number token is altered (by +-1, +-2, +-3, kept inside the vocabulary's range) and the model's greedy answer, the
+  argmax after ``#####`` (answers are single number tokens in the toy world), is compared with the unaltered one.
+  A token is answer-carrying when the majority of its alterations change the answer. Only numbers are altered;
+  every other token counts as not answer-carrying. This is the truth the maps are scored against: the generator's
+  grammar says which tokens a *correct* CoT needs to be written, not which ones the model reads its answer from.
+- **Scores** (``score_maps``), each per CoT and then averaged over CoTs (within-CoT ranking is what a saliency map
+  is for): AUROC of answer-carrying vs all other CoT tokens, top-1 hit rate (the highest-saliency token is
+  answer-carrying), AUROC of step tokens vs filler + distractor tokens, and the share of saturated masks (answer
+  loss under the initial mask below ``SaliencyConfig.saturation_loss``).
+- **Read-outs.** ``all_rows`` is the paper's Eq. 3 (``1 -`` the column mean of ``Ĥ`` over every causal row).
+  Three are ours (beyond the paper). ``answer_row``: ``1 - Ĥ[w*, v]`` on the single row ``w*`` that predicts the
+  first answer token (the ``#####`` query): how much the answer's own query had to re-open each CoT token.
+  ``max_row``: ``1 - min_w Ĥ[w, v]``, the most re-opened entry of each column, whichever row re-opened it (a column
+  mean is diluted by the many rows of an early token that never needed it).
+  ``gradient``: the gradient evidence, ``-dL/dp`` summed over the optimisation steps and over the causal rows of
+  each column. Adam normalises every entry's step to about ``lr`` whatever its gradient, so the mask itself keeps
+  only the *sign* of the evidence; the summed gradient keeps its size (how much re-opening that token lowers the
+  answer loss), which is what ranks the one token the answer is read from above the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+
+READOUTS = ("all_rows", "answer_row", "max_row", "gradient")
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
+    count one half), by the Mann-Whitney rank sum. NaN when either class is empty."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return math.nan
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@torch.no_grad()
+def answer_carrying(model, prompt: list[int], cot: list[int], delim_id: int,
+                    alterations: Callable[[int], list[int]]) -> tuple[list[bool], list[float], int]:
+    """Label every CoT token by intervention (see the module docstring).
+
+    ``alterations(token_id)`` lists the ids a token may be replaced by (empty: not altered, e.g. a word).
+    Returns (answer-carrying per CoT token, share of its alterations that changed the answer, the unaltered greedy
+    answer id). All variants of a CoT have the same length and run as one batch.
+    """
+    base = [*prompt, *cot, delim_id]
+    seqs, owner = [base], [-1]
+    for i, t in enumerate(cot):
+        for alt in alterations(t):
+            seq = list(base)
+            seq[len(prompt) + i] = alt
+            seqs.append(seq)
+            owner.append(i)
+    answers = []
+    for s in range(0, len(seqs), 256):
+        logits = model(torch.tensor(seqs[s:s + 256]), logits_at=torch.tensor([[len(base) - 1]]))
+        answers += logits[:, -1].argmax(-1).tolist()
+    changed, tried = [0] * len(cot), [0] * len(cot)
+    for i, a in zip(owner[1:], answers[1:]):
+        tried[i] += 1
+        changed[i] += a != answers[0]
+    share = [c / n if n else 0.0 for c, n in zip(changed, tried)]
+    return [n > 0 and 2 * c > n for c, n in zip(changed, tried)], share, answers[0]
+
+
+@dataclass
+class LabelledCoT:
+    """One of the policy's own correct CoTs with its planted truth."""
+
+    problem: object
+    input: SaliencyInput  # prompt + CoT + "#####" + gold answer
+    carrying: list[bool]  # answer-carrying, by intervention
+    grammar: list[str]  # toyworld.label_cot labels
+
+
+def readout(result, x: SaliencyInput, kind: str, evidence: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-CoT-token saliency of one optimised mask (``result`` needs ``return_mask=True`` for ``answer_row``;
+    ``gradient`` needs ``evidence``, the summed ``-dL/dp`` of this sequence, ``(rows, cot)``)."""
+    if kind == "gradient":
+        return evidence.sum(0)  # entries above the diagonal carry no parameter: their gradient is 0
+    if kind == "all_rows":
+        return result.saliency
+    if kind == "max_row":  # the most re-opened entry of each column, whichever row re-opened it
+        causal = torch.ones_like(result.mask, dtype=torch.bool).tril()  # row i sees CoT columns j <= i
+        return 1.0 - result.mask.where(causal, torch.inf).min(0).values
+    if kind == "answer_row":
+        row = x.answer[0] - 1 - x.cot[0]  # the query that predicts the first answer token
+        return 1.0 - result.mask[row]
+    raise ValueError(f"saliency read-out must be one of {READOUTS}, got {kind!r}")
+
+
+def score_maps(items: list[LabelledCoT], results: list, kind: str, evidence: list | None = None) -> dict:
+    """AUROC / top-1 / step AUROC / saturation of one setting and read-out over ``items`` (see module docstring)."""
+    au, top, au_step, sat, rewards = [], [], [], [], []
+    for b, (item, res) in enumerate(zip(items, results)):
+        sat.append(bool(res.saturated))
+        if not res.ok:
+            continue
+        s = readout(res, item.input, kind, evidence[b] if evidence is not None else None).tolist()
+        rewards.append(res.reward_reenable)
+        if any(item.carrying):
+            top.append(item.carrying[max(range(len(s)), key=s.__getitem__)])
+            au.append(auroc(s, item.carrying))
+        keep = [i for i, g in enumerate(item.grammar) if g in ("step", "filler", "distractor")]
+        au_step.append(auroc([s[i] for i in keep], [item.grammar[i] == "step" for i in keep]))
+
+    def mean(xs):
+        xs = [x for x in xs if not math.isnan(x)]
+        return sum(xs) / len(xs) if xs else math.nan
+
+    return {"auroc_answer": mean(au), "top1": mean([float(t) for t in top]), "top1_hits": int(sum(top)),
+            "cots_with_answer_token": len(top), "auroc_step_vs_padding": mean(au_step),
+            "saturated_share": mean([float(x) for x in sat]), "mean_reward_reenable": mean(rewards),
+            "cots": len(items)}
+
+
+def study(model, items: list[LabelledCoT], settings: dict[str, SaliencyConfig],
+          readouts: Sequence[str] = READOUTS) -> dict:
+    """``{setting: {readout: scores}}`` for every named ``SaliencyConfig`` (the masks are optimised once per
+    setting and read out every way)."""
+    out = {}
+    for name, cfg in settings.items():
+        cfg = dataclasses.replace(cfg, return_mask=True, max_batch=None)  # one batch: mask row b is item b
+        total = []
+
+        def collect(step, mask, losses):  # the gradient evidence: -dL/dp, summed over steps
+            if not total:
+                total.append(torch.zeros_like(mask.p))
+            total[0] -= mask.p.grad.detach()
+
+        results = saliency(model, [it.input for it in items], cfg, on_step=collect)
+        evidence = [total[0][b, : it.input.mask_rows, : it.input.n_cot].cpu() for b, it in enumerate(items)] \
+            if total else None
+        out[name] = {kind: score_maps(items, results, kind, evidence) for kind in readouts}
+    return out
+
+
+def number_alterations(tokenizer, deltas: Sequence[int] = (1, 2, 3)) -> Callable[[int], list[int]]:
+    """The toy world's interventions: a number token -> the ids of that number +-1..3 that exist (0..99)."""
+    from atmanrl.data import toyworld as tw
+
+    ids = {v: tokenizer.token_id(str(v)) for v in range(tw.MAX_VALUE + 1)}
+    value = {i: v for v, i in ids.items()}
+
+    def alter(token: int) -> list[int]:
+        if token not in value:
+            return []
+        v = value[token]
+        return [ids[v + s * d] for d in deltas for s in (1, -1) if v + s * d in ids]
+
+    return alter
+
+
+@torch.no_grad()
+def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperature: float = 1.0,
+                  max_new_tokens: int = 64, own: bool = True) -> list[LabelledCoT]:
+    """Up to ``n`` of the policy's own correct sampled CoTs (one sample per problem, in order), each labelled by
+    intervention and by grammar. ``own=False`` takes the generator's gold CoTs (random styles) instead, for a
+    policy that solves nothing yet (the pipeline's smoke test)."""
+    import random
+
+    from atmanrl.data import toyworld as tw
+    from atmanrl.model.generate import generate
+
+    task = tw.ToyTask(tokenizer)
+    alter = number_alterations(tokenizer)
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    items = []
+    for s in range(0, len(problems), 64):
+        chunk = problems[s:s + 64]
+        prompts = [task.prompt(p) for p in chunk]
+        if own:
+            outs = [o.tokens for o in generate(model, prompts, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, stop_ids=task.stop_ids,
+                                               generator=generator, pad_id=task.pad_id)]
+        else:
+            outs = [tokenizer.encode(tw.completion_text(tw.gold_cot(p, rng.choice(tw.STYLES), rng)[0], p.gold))
+                    for p in chunk]
+        for p, prompt, o in zip(chunk, prompts, outs):
+            score = task.score(p, prompt, o)
+            if not score.correct or score.saliency_input is None or score.cot_tokens == 0:
+                continue
+            cot = list(score.saliency_input.tokens[score.saliency_input.cot[0]:score.saliency_input.cot[1]])
+            carrying, _, _ = answer_carrying(model, prompt, cot, task.delim_id, alter)
+            items.append(LabelledCoT(p, score.saliency_input, carrying, tw.label_cot(p, task.words(cot))))
+            if len(items) == n:
+                return items
+    return items
