@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from atmanrl.config import EvalConfig, RolloutConfig
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,11 +30,15 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="GSM8K jsonl file (default: the embedded synthetic problems)")
     ap.add_argument("--n", type=int, default=8, help="problems to draw (paper: 500)")
     ap.add_argument("--k", type=int, default=4, help="samples per problem (paper: 4)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the problem draw and of the sampling")
-    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--seed", type=int, default=EvalConfig.seed,
+                    help="seed of the problem draw and of the sampling (default: the trainer's eval.seed, so both "
+                         "evaluate the same problems)")
+    ap.add_argument("--max-new-tokens", type=int, default=RolloutConfig.max_new_tokens,
+                    help="generation length (default: the training length, rollout.max_new_tokens)")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the decode step is compiled on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--label", default=None, help="row label in the table (default: the model name)")
     ap.add_argument("--out", default="runs/eval/results.json", help="results JSON (the table goes next to it, .md)")
@@ -70,7 +76,12 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=torch.float32)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+    # bf16 on the GPU (as the trainer's rollouts); float32 on the CPU, where bf16 matmuls are slow.
+    model, tokenizer = load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                            device=device)
     model.eval()
     result = evaluate(model, tokenizer, problems, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)

@@ -43,7 +43,7 @@ def test_greedy_equals_transformers_on_smollm2(smollm2):
 def test_sampling_with_a_seed_repeats(tiny):
     prompts = random_prompts([5, 9, 3], 101, seed=1)
     run = lambda seed: generate(tiny, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9,
-                                generator=torch.Generator().manual_seed(seed))
+                                seed=seed)
     a, b, c = run(7), run(7), run(8)
     assert [x.tokens for x in a] == [x.tokens for x in b]
     assert [x.logprobs for x in a] == [x.logprobs for x in b]
@@ -68,7 +68,7 @@ def test_padding_invariance(tiny):
 def test_stop_token_included_and_finished(tiny):
     stop = list(range(0, 101, 4))  # a quarter of the vocabulary: rows stop within a few tokens
     out = generate(tiny, random_prompts([4, 7, 5, 9], 101, seed=3), max_new_tokens=30, temperature=1.0,
-                   stop_ids=stop, generator=torch.Generator().manual_seed(0))
+                   stop_ids=stop, seed=0)
     assert any(c.finished for c in out)
     for c in out:
         assert len(c.tokens) == len(c.logprobs)
@@ -87,7 +87,7 @@ def test_identical_prompts_share_a_prefill(tiny):
 def test_logprob_parity_with_plain_forward(tiny, temperature):
     prompts = random_prompts([3, 12, 7, 7], 101, seed=5)
     out = generate(tiny, prompts, max_new_tokens=16, temperature=temperature, stop_ids=[5],
-                   generator=torch.Generator().manual_seed(1))
+                   seed=1)
     logp, mask = sequence_logprobs(tiny, prompts, [c.tokens for c in out], temperature=temperature)
     for i, c in enumerate(out):
         assert mask[i].sum() == len(c.tokens)
@@ -99,7 +99,7 @@ def test_logprob_parity_on_smollm2(smollm2):
     model, tok = smollm2
     prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["Hi!", "What is the capital of France? Why?"]]
     out = generate(model, prompts, max_new_tokens=24, temperature=0.7, stop_ids=tok.stop_ids,
-                   generator=torch.Generator().manual_seed(0))
+                   seed=0)
     with torch.inference_mode():
         logp, _ = sequence_logprobs(model, prompts, [c.tokens for c in out], temperature=0.7)
     for i, c in enumerate(out):
@@ -124,7 +124,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 def test_tiny_top_p_is_greedy(tiny):
     prompts = random_prompts([5, 8], 101, seed=8)
-    sampled = generate(tiny, prompts, max_new_tokens=10, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    sampled = generate(tiny, prompts, max_new_tokens=10, top_p=1e-6, seed=0)
     greedy = generate(tiny, prompts, max_new_tokens=10, greedy=True)
     assert [c.tokens for c in sampled] == [c.tokens for c in greedy]
 

@@ -3,10 +3,13 @@
 What is notable here:
 - The trainer does not know what a problem is. A ``Task`` turns a problem into prompt tokens and judges a
   completion (``GSM8KTask`` for GSM8K and the synthetic word problems; tests plug in tiny tasks).
-- Sampling is seeded per (run seed, update, problem): ``sampling_generator``. The G rollouts of a problem are one
-  ``generate`` call with their own generator, so a problem's rollouts are the same whichever rank draws them and
-  however many ranks there are -- the global batch does not depend on the world size, and resuming from a
-  checkpoint needs no generator state (both are tested).
+- One ``generate`` call per update and rank (``rollout_update``): all problems x G rollouts in one batch (each
+  distinct prompt prefilled once), instead of one small batch per problem.
+- Sampling is seeded per row: rollout ``g`` of problem ``i`` at update ``u`` has the seed ``rollout_seed(seed, u,
+  i, g)``, and ``generate`` draws a row's tokens from its seed alone (counter-based noise, see
+  ``atmanrl.model.generate``). So a problem's rollouts are the same whichever rank draws them, however many ranks
+  there are and whatever else is in the batch -- the global batch does not depend on the world size, and resuming
+  from a checkpoint needs no generator state (all tested).
 - ``logp_old`` is the generator's per-token log-probability (``log_softmax(logits / temperature)`` of the sampled
   token, the quantity ``sequence_logprobs`` recomputes), recorded at sampling time.
 - Truncated rollouts. A completion with no ``#####`` (cut at ``max_new_tokens``, or stopped without one) has no
@@ -62,22 +65,33 @@ class Rollout:
     extra: dict = field(default_factory=dict)  # saliency diagnostics (answer loss at step 0, saturation, ...)
 
 
-def sampling_generator(seed: int, update: int, problem: int, device="cpu") -> torch.Generator:
-    """A generator seeded from (run seed, update, problem index) only -- not from the rank or the world size."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + update) * 1_000_033 + problem)
-    return g
+def rollout_seed(seed: int, update: int, problem: int, g: int) -> int:
+    """The sampling seed of rollout ``g`` of problem ``problem`` at update ``update``: from these only -- not from
+    the rank, the world size or the batch the rollout is generated in."""
+    return ((seed * 1_000_003 + update) * 1_000_033 + problem) * 1_000_037 + g
 
 
-def rollout_group(model, task: Task, problem, problem_index: int, *, group_size: int, max_new_tokens: int,
-                  temperature: float, top_p: float, generator: torch.Generator) -> list[Rollout]:
-    """G completions of one problem (one batched ``generate`` call: the prompt is prefilled once), scored."""
-    prompt = task.prompt(problem)
-    completions = generate(model, [prompt] * group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stop_ids=task.stop_ids, generator=generator, pad_id=task.pad_id)
+def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,
+                   temperature: float, top_p: float, seed: int, update: int, device) -> list[Rollout]:
+    """G completions of each of this rank's problems in ONE ``generate`` call, scored; problem-major order.
+
+    problems: this rank's problem objects; indices: their indices in the training set (they name the rollouts and
+    seed them, see ``rollout_seed``). device: where ``model`` lives (checked, so a mis-placed inference copy fails
+    here with a clear message instead of inside the first matmul).
+    """
+    if len(problems) != len(indices):
+        raise ValueError(f"{len(problems)} problems but {len(indices)} indices; pass one training-set index per problem")
+    param, want = next(model.parameters()), torch.device(device)
+    if param.device.type != want.type or want.index is not None and param.device.index != want.index:
+        raise ValueError(f"the rollout model is on {param.device}, not on {device}; move it there before rolling out")
+    prompts = [task.prompt(p) for p in problems]
+    rows = [(k, g) for k in range(len(problems)) for g in range(group_size)]
+    completions = generate(model, [prompts[k] for k, _ in rows], max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, stop_ids=task.stop_ids, pad_id=task.pad_id,
+                           seed=[rollout_seed(seed, update, indices[k], g) for k, g in rows])
     return [
-        Rollout(problem_index, prompt, c.tokens, c.logprobs, c.finished, task.score(problem, prompt, c.tokens))
-        for c in completions
+        Rollout(indices[k], prompts[k], c.tokens, c.logprobs, c.finished, task.score(problems[k], prompts[k], c.tokens))
+        for (k, _), c in zip(rows, completions)
     ]
 
 

@@ -41,7 +41,7 @@ from atmanrl.config import RunConfig, to_dict
 from atmanrl.model.generate import generate, sequence_logprobs
 from atmanrl.rl import checkpointing
 from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
-from atmanrl.rl.rollout import GSM8KTask, Rollout, Task, rollout_group, sampling_generator
+from atmanrl.rl.rollout import GSM8KTask, Rollout, Task, rollout_update
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -186,12 +186,10 @@ def train(
         t0 = time.perf_counter()
         gather_weights(policy, inference, sharded)
         inference.eval()
-        rollouts: list[Rollout] = []
-        for i in mine:
-            rollouts += rollout_group(inference, task, problems[i], i, group_size=G,
-                                      max_new_tokens=cfg.rollout.max_new_tokens,
-                                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                      generator=sampling_generator(cfg.train.seed, update, i, d.device))
+        rollouts: list[Rollout] = rollout_update(
+            inference, task, [problems[i] for i in mine], mine, group_size=G,
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, seed=cfg.train.seed, update=update, device=d.device)
         t_rollout = time.perf_counter() - t0
 
         # 3. Outcome reward (Eq. 4).
