@@ -4,7 +4,8 @@ parity with the trainer's plain forward (``sequence_logprobs``)."""
 import pytest
 import torch
 
-from atmanrl.model.generate import _top_p_filter, generate, sequence_logprobs
+import atmanrl.model.generate as generate_module
+from atmanrl.model.generate import _top_p_filter, compile_count, generate, sampling_noise, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
 from hf_reference import hf_twin
 
@@ -132,7 +133,66 @@ def test_tiny_top_p_is_greedy(tiny):
 def test_bad_arguments_say_what_to_do(tiny):
     with pytest.raises(ValueError, match="greedy=True"):
         generate(tiny, [[1, 2]], max_new_tokens=3, temperature=0.0)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        generate(tiny, [[1, 2]], max_new_tokens=3, temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny, [[1, 2]], max_new_tokens=3, top_p=float("nan"))
+    with pytest.raises(ValueError, match=r"prompt 1 has token id 101 at position 2, outside the model's vocabulary"):
+        generate(tiny, [[1, 2], [3, 4, 101]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="pad_id -1 is outside"):
+        generate(tiny, [[1, 2], [3]], max_new_tokens=3, pad_id=-1)
+    limit = tiny.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_position_embeddings {limit}.*lower max_new_tokens"):
+        generate(tiny, [[1, 2]], max_new_tokens=limit - 1)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(tiny, [[1, 2], [3]], max_new_tokens=3, seed=[1])
     with pytest.raises(ValueError, match="top_p"):
         generate(tiny, [[1, 2]], max_new_tokens=3, top_p=0.0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(tiny, [[1, 2], []], max_new_tokens=3)
+
+
+def test_a_rows_samples_depend_only_on_its_prompt_and_seed(tiny):
+    """Per-row counter-based noise: the same (prompt, seed) samples the same tokens alone, in another batch, at
+    another row, next to longer (padded) prompts; another seed samples other tokens."""
+    a, b, c = random_prompts([4, 10, 7], 101, seed=9)
+    kw = dict(max_new_tokens=14, temperature=1.0, top_p=0.95, stop_ids=[3])
+    alone = generate(tiny, [a], seed=[77], **kw)[0]
+    mixed = generate(tiny, [b, a, c, a], seed=[5, 77, 6, 78], **kw)
+    assert mixed[1].tokens == alone.tokens and mixed[1].finished == alone.finished
+    assert max(abs(x - y) for x, y in zip(mixed[1].logprobs, alone.logprobs)) <= PAD_TOL
+    assert mixed[3].tokens != alone.tokens  # same prompt, other seed
+
+
+def test_gumbel_noise_samples_the_softmax():
+    """argmax(logp + noise) over 40,000 row seeds hits each token with its softmax probability (4 sigma)."""
+    logp = torch.log_softmax(torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]), -1)
+    keys = generate_module.row_keys(range(40_000))
+    counts = torch.bincount((logp + sampling_noise(keys, 3, 5)).argmax(-1), minlength=5).double()
+    p = logp.exp().double()
+    sigma = (p * (1 - p) / 40_000).sqrt()
+    assert ((counts / 40_000 - p).abs() <= 4 * sigma).all(), (counts / 40_000, p)
+    other_step = (logp + sampling_noise(keys, 4, 5)).argmax(-1)
+    assert (other_step != (logp + sampling_noise(keys, 3, 5)).argmax(-1)).float().mean() > 0.3
+
+
+def test_compiled_step_equals_eager_and_does_not_recompile(tiny, monkeypatch):
+    """The static-shape step under torch.compile (dynamo, fullgraph: no graph break) gives the eager path's tokens
+    and log-probs; a second call with other prompt lengths (same batch size, same cache bucket) compiles nothing.
+    The test compiles with the aot_eager backend (graph capture without code generation: inductor's C++ build of
+    the step takes minutes on this CPU); benchmarks/gpu.py checks inductor + CUDA graphs on a GPU."""
+    compiled = torch.compile(generate_module.decode_one_token, backend="aot_eager", fullgraph=True)
+    monkeypatch.setattr(generate_module, "compiled_decode_one_token", lambda mode: compiled)
+    prompts = random_prompts([3, 9, 5], 101, seed=10)
+    kw = dict(max_new_tokens=12, temperature=0.8, stop_ids=[7, 11], seed=[1, 2, 3])
+    eager = generate(tiny, prompts, **kw)
+    assert any(c.finished for c in eager)  # finished rows are masked (not dropped) on the compiled path
+    before = compile_count()
+    static = generate(tiny, prompts, compile=True, **kw)
+    assert compile_count() - before >= 1
+    assert [c.tokens for c in static] == [c.tokens for c in eager]
+    assert [c.finished for c in static] == [c.finished for c in eager]
+    assert max(abs(x - y) for s, e in zip(static, eager) for x, y in zip(s.logprobs, e.logprobs)) <= PAD_TOL
+    before = compile_count()
+    generate(tiny, random_prompts([6, 4, 8], 101, seed=11), compile=True, **kw)
+    assert compile_count() == before

@@ -285,21 +285,22 @@ def gather_weights(policy, inference, sharded: bool) -> None:
 def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> None:
     """Eq. 2-3 for every rollout that wrote an answer; neutral (group mean) for those that did not.
 
-    One ``saliency`` call per group: its rollouts share the prompt, which the saliency module computes once.
+    One ``saliency`` call for the whole update (batched as memory allows; each group's prompt computed once).
     """
     from atmanrl.saliency import SaliencyConfig, saliency
 
     s = cfg.saliency
     config = SaliencyConfig(init=s.init, scale=s.scale, steps=s.steps, lr=s.lr, betas=s.betas,
                             weight_decay=s.weight_decay, reward=s.reward, max_batch=s.max_batch)
+    todo = [r for r in rollouts if r.score.saliency_input is not None]
+    results = saliency(model, [r.score.saliency_input for r in todo], config) if todo else []
+    for r, res in zip(todo, results):
+        r.saliency = res.reward if res.ok else 0.0
+        r.extra = {"saliency_status": res.status, "initial_loss": res.initial_loss,
+                   "unmasked_loss": res.unmasked_loss, "saturated": res.saturated}
     for g in range(0, len(rollouts), G):
         group = rollouts[g:g + G]
         todo = [r for r in group if r.score.saliency_input is not None]
-        results = saliency(model, [r.score.saliency_input for r in todo], config) if todo else []
-        for r, res in zip(todo, results):
-            r.saliency = res.reward if res.ok else 0.0
-            r.extra = {"saliency_status": res.status, "initial_loss": res.initial_loss,
-                       "unmasked_loss": res.unmasked_loss, "saturated": res.saturated}
         scored = [r.saliency for r in todo if r.extra.get("saliency_status") == "ok"]
         neutral = sum(scored) / len(scored) if scored else 0.0
         for r in group:  # no answer (truncated) or a degenerate mask: neutral, see rl/rollout.py
