@@ -29,8 +29,9 @@ What is notable here:
 - **Compiled on CUDA.** ``compile=None`` compiles the step on CUDA (``torch.compile(mode="reduce-overhead")``, a
   CUDA graph: one launch per token instead of ~15 kernels per layer) and runs it eagerly elsewhere. The compiled
   step has static shapes: a fixed batch (finished rows keep decoding, masked, instead of being dropped), a cache
-  length rounded up to a multiple of ``CACHE_BUCKET`` (prompts of similar length reuse one compiled graph), and
-  the step's slot passed as a tensor (``Llama.forward``). ``compile_count()`` counts compiled graphs so a caller
+  length rounded up to a multiple of ``CACHE_BUCKET`` (prompts of similar length reuse one compiled graph), one
+  cache buffer kept across calls (``static_cache``: a CUDA graph writes it at fixed addresses), and the step's
+  slot passed as a tensor (``Llama.forward``). ``compile_count()`` counts compiled graphs so a caller
   can see a recompilation. The eager step attends only to the slots written so far and drops finished rows once
   a quarter of the batch has finished (on a CPU, later steps then cost less).
 """
@@ -211,6 +212,25 @@ def decode_one_token(model: Llama, token, position, slot, cache: KVCache, key_bi
 
 
 _compiled_steps: dict[str, object] = {}
+_static_cache: dict[tuple, KVCache] = {}  # the compiled step's cache, kept across calls (one entry)
+
+
+def static_cache(model: Llama, batch_size: int, cache_len: int) -> KVCache:
+    """The compiled step's KV cache: one buffer set reused by every call with the same (model, batch, length).
+
+    A CUDA graph reads and writes the cache at fixed addresses, and the compiled step guards on those tensors: a
+    fresh cache per call would re-record (or recompile) every call. Only the latest shape is kept (memory).
+    """
+    w = model.embed_tokens.weight
+    key = (id(model), batch_size, cache_len, w.dtype, w.device)
+    if key not in _static_cache:
+        _static_cache.clear()
+        cache = KVCache(model.config, batch_size, cache_len, device=w.device, dtype=w.dtype)
+        if w.device.type == "cuda":
+            for buf in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(buf)
+        _static_cache[key] = cache
+    return _static_cache[key]
 
 
 def compiled_decode_one_token(mode: str):
@@ -286,9 +306,10 @@ def generate(
     step_fn = decode_one_token
     if compiled:
         step_fn = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else "default")
-        if device.type == "cuda":  # CUDA graphs may write into the cache in place only at fixed addresses
-            for buf in (*cache.k, *cache.v):
-                torch._dynamo.mark_static_address(buf)
+        static = static_cache(model, B, cache_len)
+        for dst, src in zip((*static.k, *static.v), (*cache.k, *cache.v)):
+            dst.copy_(src)  # every slot: the prompts, zeros after them (no stale values from an earlier call)
+        cache = static
     sample = dict(temperature=temperature, top_p=top_p, greedy=greedy)
 
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -306,9 +327,13 @@ def generate(
             if compiled:
                 slot = torch.tensor(slot, device=device)
                 step = torch.tensor(t, device=device)
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
             else:
                 step = t
             token, logp = step_fn(model, token, position, slot, cache, key_bias, keys, step, **sample)
+            if compiled:  # a CUDA graph's outputs are overwritten by its next replay
+                token, logp = token.clone(), logp.clone()
             position = position + 1
         out_tokens[rows, t] = torch.where(alive, token, out_tokens[rows, t])
         out_logp[rows, t] = torch.where(alive, logp, out_logp[rows, t])
