@@ -63,7 +63,7 @@ class SaliencyRewardConfig:
     init: float = -0.4  # c, the initial mask value
     scale: float = 10.0  # bias = scale * min(p, 0)
     reward: Literal["reenable", "eq3"] = "reenable"  # DESIGN.md decision 4
-    max_batch: int | None = None  # rollouts per mask-optimisation batch (memory); None: a whole group at once
+    max_batch: int | None = None  # rollouts per mask-optimisation batch; None: from free GPU memory (CPU: all)
 
 
 @dataclass
