@@ -46,7 +46,7 @@ from atmanrl.model.generate import compile_count, generate, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
 from atmanrl.rl.grpo import grpo_loss
 from atmanrl.saliency import AnswerBatch, AtManMask, SaliencyConfig, SaliencyInput, saliency
-from atmanrl.saliency.batch import sequences_per_batch
+from atmanrl.saliency.batch import bytes_per_sequence, sequences_per_batch
 from atmanrl.saliency.optimize import spearman
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,14 +179,18 @@ def bench_decode(model: Llama, args, fig: dict) -> list[dict]:
         t, eager = timed(lambda: run(False), device)
         row["eager_tok_s"] = B * N / t
         if args.compiled:
-            t_first, _ = timed(lambda: run(True), device)  # compiles (and records the CUDA graph)
-            before = compile_count()
-            t, static = timed(lambda: run(True), device)
-            row.update(compiled_tok_s=B * N / t, first_call_s=t_first, recompiles=compile_count() - before)
-            row["same_tokens_rows"] = f"{sum(a.tokens == b.tokens for a, b in zip(static, eager))}/{B}"
-            row["max_logp_diff"] = max(abs(x - y) for a, b in zip(static, eager)
-                                       for x, y in zip(a.logprobs, b.logprobs) if a.tokens == b.tokens) \
-                if any(a.tokens == b.tokens for a, b in zip(static, eager)) else None
+            try:
+                t_first, _ = timed(lambda: run(True), device)  # compiles (and records the CUDA graph)
+                before = compile_count()
+                t, static = timed(lambda: run(True), device)
+            except Exception as e:  # a failed compile is a result to report, not the end of the run
+                row["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            else:
+                row.update(compiled_tok_s=B * N / t, first_call_s=t_first, recompiles=compile_count() - before)
+                same = [a.tokens == b.tokens for a, b in zip(static, eager)]
+                row["same_tokens_rows"] = f"{sum(same)}/{B}"
+                row["max_logp_diff"] = max((abs(x - y) for a, b, ok in zip(static, eager, same) if ok
+                                            for x, y in zip(a.logprobs, b.logprobs)), default=None)
         if hf is not None:
             P = max(lengths)
             ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)
@@ -245,18 +249,35 @@ def bench_saliency(model: Llama, args, fig: dict) -> list[dict]:
     for B in args.saliency_batches:
         inputs = saliency_inputs(B, args.saliency_shape, model.config.vocab_size, seed=B)
         reset_peak(device)
-        s = mask_step_seconds(model, inputs, args.saliency_steps)
+        try:
+            s = mask_step_seconds(model, inputs, args.saliency_steps)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            rows.append({"batch": B, "error": "out of memory", "auto_max_batch": sequences_per_batch(model, inputs)})
+            print(f"# saliency batch {B}: out of memory", file=sys.stderr, flush=True)
+            continue
         x = inputs[0]
         suffix, keys = len(x.tokens) - x.prompt_len, len(x.tokens)
         flops = 2 * B * forward_flops(model, suffix, keys)
         row = {"batch": B, "seq_len": len(x.tokens), "s_per_step": s, "s_per_sequence_step": s / B,
                "tflop_s": flops / s / 1e12, "peak_memory_gb": peak_memory_gb(device),
-               "auto_max_batch": sequences_per_batch(model, inputs)}
+               "auto_max_batch": sequences_per_batch(model, inputs),
+               "estimated_gb_per_sequence": bytes_per_sequence(model, inputs) / 1e9}
+        if device.type == "cuda":  # measured: peak above the weights, per sequence (calibrates the estimate)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            row["measured_gb_per_sequence"] = (row["peak_memory_gb"] - weights / 1e9) / B
         if fig["peak_bf16"]:
             row["mfu_pct"] = 100 * flops / s / fig["peak_bf16"]
         rows.append(row)
         print(f"# saliency batch {B}: {row}", file=sys.stderr, flush=True)
     return rows
+
+
+def update_prompts(model: Llama, args, g: torch.Generator) -> list[list[int]]:
+    """8 problems x 8 rollouts: 8 random prompts of ``prompt_len +- 10`` tokens, each repeated 8 times."""
+    lengths = torch.randint(args.prompt_len - 10, args.prompt_len + 11, (8,), generator=g).tolist()
+    prompts = [random_ids(n, model.config.vocab_size, g) for n in lengths]
+    return [prompts[i // 8] for i in range(64)]
 
 
 def bench_bf16(model: Llama, args) -> dict:
@@ -278,21 +299,24 @@ def bench_bf16(model: Llama, args) -> dict:
     del other
     # 2. First-pass ratio: sampler log-probs vs a training forward (autograd on).
     g = torch.Generator().manual_seed(3)
-    prompts = [random_ids(args.prompt_len, c.vocab_size, g) for _ in range(2)]
-    rows = [prompts[i // 8] for i in range(16)]
-    comps = generate(model, rows, max_new_tokens=args.ratio_new_tokens, temperature=1.0, seed=list(range(16)))
+    rows = update_prompts(model, args, g)  # the update's batch layout: the same compiled sampling step
+    comps = generate(model, rows, max_new_tokens=args.ratio_new_tokens, temperature=1.0, seed=list(range(len(rows))))
+    log_ratio = []  # logp (training forward) - logp_old (sampler), per completion token
     with torch.enable_grad():
         for p in model.parameters():
             p.requires_grad_(True)
-        logp, mask = sequence_logprobs(model, rows, [x.tokens for x in comps])
+        for s in range(0, len(rows), args.micro_batch):
+            chunk = comps[s:s + args.micro_batch]
+            logp, mask = sequence_logprobs(model, rows[s:s + args.micro_batch], [x.tokens for x in chunk])
+            old = torch.zeros_like(logp)
+            for i, x in enumerate(chunk):
+                old[i, : len(x.logprobs)] = torch.tensor(x.logprobs, device=device)
+            log_ratio.append((logp.detach() - old)[mask])
         for p in model.parameters():
             p.requires_grad_(False)
-    old = torch.zeros_like(logp)
-    for i, x in enumerate(comps):
-        old[i, : len(x.logprobs)] = torch.tensor(x.logprobs, device=device)
-    ratio = (logp.detach() - old).exp()[mask]
-    out["first_pass_ratio_min"], out["first_pass_ratio_max"] = ratio.min().item(), ratio.max().item()
-    out["first_pass_abs_log_ratio_mean"] = (logp.detach() - old)[mask].abs().mean().item()
+    log_ratio = torch.cat(log_ratio).float()
+    out["first_pass_ratio_min"], out["first_pass_ratio_max"] = log_ratio.exp().min().item(), log_ratio.exp().max().item()
+    out["first_pass_abs_log_ratio_mean"] = log_ratio.abs().mean().item()
     # 3. The masked backward at odd lengths (float32 AtMan bias on this model).
     lengths = []
     for n in args.odd_lengths:
@@ -318,10 +342,7 @@ def bench_update(model: Llama, args, decode_rows: list[dict], saliency_rows: lis
     device = model.embed_tokens.weight.device
     c = model.config
     g = torch.Generator().manual_seed(5)
-    n_problems, G = 8, 8
-    prompts = [random_ids(int(n), c.vocab_size, g)
-               for n in torch.randint(args.prompt_len - 10, args.prompt_len + 11, (n_problems,), generator=g)]
-    rows = [prompts[i // G] for i in range(n_problems * G)]
+    rows = update_prompts(model, args, g)
     N = args.update_new_tokens
     out = {"rollouts": len(rows), "new_tokens": N}
     reset_peak(device)
@@ -332,10 +353,13 @@ def bench_update(model: Llama, args, decode_rows: list[dict], saliency_rows: lis
     # Saliency: prompt + completion as CoT + delimiter + 3 answer tokens; steps timed, scaled to 200.
     inputs = [SaliencyInput.from_parts(p, x.tokens, random_ids(2, c.vocab_size, g), random_ids(3, c.vocab_size, g))
               for p, x in zip(rows, comps)]
+    per_batch = sequences_per_batch(model, inputs)  # what max_batch=None picks
+    batches = -(-len(inputs) // per_batch)
     s = mask_step_seconds(model, inputs, args.update_saliency_steps,
                           SaliencyConfig(steps=args.update_saliency_steps + 1))
+    out["saliency_batches"] = batches
     out["saliency_s_per_step"] = s
-    out["saliency_s_200_steps"] = s * PAPER_MASK_STEPS
+    out["saliency_s_200_steps"] = s * batches * PAPER_MASK_STEPS
     # Policy update: 2 passes x 2 minibatches, micro-batches, forward + backward + AdamW (bf16 state).
     for p in model.parameters():
         p.requires_grad_(True)
@@ -407,10 +431,11 @@ def main(argv=None):
         device, dtype = torch.device("cuda"), torch.bfloat16
         args.decode_batches, args.new_tokens, args.prompt_len = [1, 8, 64], 128, 100
         args.saliency_batches, args.saliency_shape, args.saliency_steps = [8, 64], (92, 291, 2, 3), 5
-        args.bf16_sequences, args.ratio_new_tokens = 4, 64
+        args.bf16_sequences, args.ratio_new_tokens = 4, 140
         args.odd_lengths = [5, 17, 33, 67, 131, 259, 387, 515, 1029]
-        # 150 new tokens keep the update's cache in the decode section's bucket (one compiled graph at batch 64).
-        args.update_new_tokens, args.update_saliency_steps, args.micro_batch = 150, 3, 8
+        # Prompts of <= 110 tokens + 140 new tokens stay in one 256-slot cache bucket: the bf16 ratio check and
+        # the update share one compiled sampling step at batch 64.
+        args.update_new_tokens, args.update_saliency_steps, args.micro_batch = 140, 3, 8
         args.compiled = True
     fig = card(device)
     model = build(args.model, dtype, device)
@@ -426,12 +451,13 @@ def main(argv=None):
         print("\n## decode (greedy, tok/s)\n")
         print(md_table(decode_rows, ["batch", "compiled_tok_s", "eager_tok_s", "transformers_tok_s",
                                      "bandwidth_limit_tok_s", "pct_of_limit", "x_transformers", "first_call_s",
-                                     "recompiles", "same_tokens_rows", "max_logp_diff"]))
+                                     "recompiles", "same_tokens_rows", "max_logp_diff", "compiled_error"]))
     if "saliency" in args.sections:
         saliency_rows = result["saliency"] = bench_saliency(model, args, fig)
         print("\n## saliency (mask optimisation)\n")
         print(md_table(saliency_rows, ["batch", "seq_len", "s_per_step", "s_per_sequence_step", "tflop_s", "mfu_pct",
-                                       "peak_memory_gb", "auto_max_batch"]))
+                                       "peak_memory_gb", "auto_max_batch", "estimated_gb_per_sequence",
+                                       "measured_gb_per_sequence", "error"]))
     if "bf16" in args.sections:
         result["bf16"] = bench_bf16(model, args)
         b = result["bf16"]

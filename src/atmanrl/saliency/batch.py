@@ -94,21 +94,15 @@ class SaliencyInput:
         return len(self.tokens) - self.cot[0]
 
 
-def sequences_per_batch(model: Llama, inputs: Sequence[SaliencyInput], memory_fraction: float = 0.8) -> int:
-    """How many of ``inputs`` one mask-optimisation batch holds: all of them off CUDA; on CUDA as many as fit in
-    ``memory_fraction`` of the free memory (the driver's free bytes plus what PyTorch's cache holds unused).
+def bytes_per_sequence(model: Llama, inputs: Sequence[SaliencyInput]) -> int:
+    """Estimated memory one mask-optimisation step keeps alive per sequence of ``inputs`` (the longest one).
 
-    Per sequence one step keeps alive, per layer: the activations autograd saves for the backward through the
-    suffix (about ``8 hidden + 2 kv_dim + 4 intermediate`` values per suffix token), the prefix keys/values copied
-    for the step, their float32 copies when a bf16 model attends in the mask's float32 (``llama`` module
-    docstring), and one float32 ``heads x suffix x keys`` attention matrix (the scores' gradient). An estimate,
-    not a guarantee: ``SaliencyConfig.max_batch`` overrides it; ``benchmarks/gpu.py`` reports the peak memory.
+    Per layer: the activations autograd saves for the backward through the suffix (about ``8 hidden + 2 kv_dim +
+    4 intermediate`` values per suffix token), the prefix keys/values copied for the step, their float32 copies when
+    a bf16 model attends in the mask's float32 (``llama`` module docstring), and one float32 ``heads x suffix x
+    keys`` attention matrix (the scores' gradient); plus float32 logits at every suffix position (generous: the LM
+    head runs only at answer positions). ``benchmarks/gpu.py`` prints it next to the measured peak.
     """
-    if not inputs:
-        return 1
-    device = model.embed_tokens.weight.device
-    if device.type != "cuda":
-        return len(inputs)
     c = model.config
     e = model.embed_tokens.weight.element_size()
     P = max(x.prompt_len for x in inputs)
@@ -119,10 +113,22 @@ def sequences_per_batch(model: Llama, inputs: Sequence[SaliencyInput], memory_fr
                  + 2 * K * kv * e  # this step's copy of the keys/values
                  + (2 * K * kv + T * c.num_attention_heads * c.head_dim) * 4  # float32 q, k, v
                  + c.num_attention_heads * T * K * 4)  # attention matrix / its gradient
-    per_sequence = c.num_hidden_layers * per_layer + T * c.vocab_size * 4  # + a generous LM-head share
+    return c.num_hidden_layers * per_layer + T * c.vocab_size * 4
+
+
+def sequences_per_batch(model: Llama, inputs: Sequence[SaliencyInput], memory_fraction: float = 0.8) -> int:
+    """How many of ``inputs`` one mask-optimisation batch holds: all of them off CUDA; on CUDA as many as fit in
+    ``memory_fraction`` of the free memory (the driver's free bytes plus what PyTorch's cache holds unused), at
+    ``bytes_per_sequence`` each. An estimate, not a guarantee: ``SaliencyConfig.max_batch`` overrides it.
+    """
+    if not inputs:
+        return 1
+    device = model.embed_tokens.weight.device
+    if device.type != "cuda":
+        return len(inputs)
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return max(1, min(len(inputs), int(memory_fraction * free) // per_sequence))
+    return max(1, min(len(inputs), int(memory_fraction * free) // bytes_per_sequence(model, inputs)))
 
 
 class AnswerBatch:
