@@ -8,8 +8,8 @@ Self-contained: no downloads (random weights of the real shapes; timings do not 
 tokenizer (random token ids). Everything measured goes to stdout (Markdown tables) and to ``--out`` (JSON).
 
 Sections (``--sections``, default all):
-- ``decode``: greedy decoding tok/s at batch 1 / 8 / 64 (prompts of 90-110 tokens, left-padded; ``--new-tokens``
-  new tokens, no stop): ours compiled (``generate(compile=True)``: static-shape step, CUDA graph), ours eager,
+- ``decode``: greedy decoding tok/s at batch 1 / 8 / 64 (prompts of 90-110 tokens, left-padded; 128 new tokens,
+  no stop): ours compiled (``generate(compile=True)``: static-shape step, CUDA graph), ours eager,
   ``transformers``' ``generate`` when importable, and the memory-bandwidth limit (weights + KV cache read once per
   step, at the card's bandwidth figure). Also: seconds of the first (compiling) call, graphs compiled by the timed
   call (must be 0: a recompiling step is the known trap), and whether compiled and eager decode the same tokens.
@@ -17,14 +17,14 @@ Sections (``--sections``, default all):
   delimiter 2, answer 3 tokens; groups of 8 share a prompt), per sequence-step, model FLOP/s and MFU against the
   card's dense bf16 peak, peak memory, and the batch ``max_batch=None`` would choose from free memory.
 - ``bf16``: Spearman of per-token saliency, bf16 model vs the same weights in float32
-  (``SaliencyConfig.compressed(20)``); the first-pass importance ratio ``exp(logp - logp_old)`` min/max under bf16
-  (sampler log-probs vs a training forward with autograd); the masked backward (float32 AtMan bias on the bf16
-  model) at many odd sequence lengths, each finite or the error it raised.
+  (``SaliencyConfig.compressed(20)``, 4 sequences); the first-pass importance ratio ``exp(logp - logp_old)``
+  min/max under bf16 (sampler log-probs of 64 rollouts vs a training forward with autograd); the masked backward
+  (float32 AtMan bias on the bf16 model) at many odd sequence lengths, each finite or the error it raised.
 - ``update``: one trainer update of the paper's shape, 8 problems x 8 rollouts: rollout (one ``generate`` call,
-  ``--update-new-tokens`` new tokens, sampled), saliency (``--update-saliency-steps`` steps timed, scaled to the
-  paper's 200), policy update (2 passes x 2 minibatches of forward + backward + AdamW, bf16 weights and optimizer
-  state); then the paper's 4,670 updates projected on 1 GPU and on 8 GPUs (8 rollouts per GPU, from the batch-8
-  decode and saliency numbers; communication not included).
+  140 new tokens, sampled; times scaled to the paper's ~250), saliency (3 steps timed at the batch size
+  ``max_batch=None`` picks, scaled to the paper's 200), policy update (2 passes x 2 minibatches of forward +
+  backward + AdamW, bf16 weights and optimizer state); then the paper's 4,670 updates projected on 1 GPU and on
+  8 GPUs (8 rollouts per GPU, from the batch-8 decode and saliency numbers; communication not included).
 
 FLOP counts: a forward over ``n`` tokens is ``2 * n * (non-embedding parameters)`` plus attention
 (``4 * layers * heads * head_dim * queries * keys``); a mask step is that forward plus a backward without weight
@@ -315,7 +315,8 @@ def bench_bf16(model: Llama, args) -> dict:
         for p in model.parameters():
             p.requires_grad_(False)
     log_ratio = torch.cat(log_ratio).float()
-    out["first_pass_ratio_min"], out["first_pass_ratio_max"] = log_ratio.exp().min().item(), log_ratio.exp().max().item()
+    ratio = log_ratio.exp()
+    out["first_pass_ratio_min"], out["first_pass_ratio_max"] = ratio.min().item(), ratio.max().item()
     out["first_pass_abs_log_ratio_mean"] = log_ratio.abs().mean().item()
     # 3. The masked backward at odd lengths (float32 AtMan bias on this model).
     lengths = []

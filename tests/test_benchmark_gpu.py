@@ -27,7 +27,8 @@ def test_tiny_run_writes_every_section(tmp_path, capsys):
     assert [r["batch"] for r in result["saliency"]] == [2, 8]
     assert all(r["s_per_step"] > 0 and r["auto_max_batch"] == r["batch"] for r in result["saliency"])
     b = result["bf16"]
-    assert len(b["saliency_spearman_bf16_vs_f32"]) == 2 and all(-1 <= r <= 1 for r in b["saliency_spearman_bf16_vs_f32"])
+    rhos = b["saliency_spearman_bf16_vs_f32"]
+    assert len(rhos) == 2 and all(-1 <= r <= 1 for r in rhos)
     assert 0.99 < b["first_pass_ratio_min"] <= b["first_pass_ratio_max"] < 1.01  # float32 model: ratio 1
     assert [r["ok"] for r in b["masked_backward"]] == [True] * 3
     u = result["update"]

@@ -93,8 +93,8 @@ def check_tokens(model: Llama, sequences: Sequence[Sequence[int]], what: str, *,
                              f"[0, {vocab}); was it tokenized with another model's tokenizer?")
         if len(seq) + extra_positions > limit:
             extra = f" + {extra_positions} new tokens" if extra_positions else ""
-            raise ValueError(f"{what} {i} needs {len(seq) + extra_positions} positions ({len(seq)} tokens{extra}), more "
-                             f"than the model's max_position_embeddings {limit}; shorten it"
+            raise ValueError(f"{what} {i} needs {len(seq) + extra_positions} positions ({len(seq)} tokens{extra}), "
+                             f"more than the model's max_position_embeddings {limit}; shorten it"
                              f"{' or lower max_new_tokens' if extra_positions else ''}")
 
 

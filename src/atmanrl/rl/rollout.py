@@ -80,7 +80,8 @@ def rollout_update(model, task: Task, problems: list, indices: list[int], *, gro
     here with a clear message instead of inside the first matmul).
     """
     if len(problems) != len(indices):
-        raise ValueError(f"{len(problems)} problems but {len(indices)} indices; pass one training-set index per problem")
+        raise ValueError(f"{len(problems)} problems but {len(indices)} indices; pass one training-set index per "
+                         f"problem")
     param, want = next(model.parameters()), torch.device(device)
     if param.device.type != want.type or want.index is not None and param.device.index != want.index:
         raise ValueError(f"the rollout model is on {param.device}, not on {device}; move it there before rolling out")
