@@ -5,9 +5,14 @@ built from our config and our state dict with the `model.` prefix, lm_head tied)
 (left-padded at batch 8). Stop tokens are disabled on both sides so every row decodes exactly `--new-tokens`
 tokens. The script checks that both produce the same tokens and prints tokens/s of each and the ratio.
 
-    python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2] [--random]
+    python benchmarks/generate.py [--new-tokens 128] [--repeats 3] [--threads 2] [--random] [--baseline FILE]
 
 `--random` uses random weights of SmolLM2's shape (speed only; token equality is still checked).
+`--baseline FILE` times another version of `atmanrl/model/generate.py` as a third side, interleaved with the other
+two, on the same model object (before/after of a change):
+
+    git show d6c8da8:src/atmanrl/model/generate.py > /tmp/generate_before.py
+    python benchmarks/generate.py --baseline /tmp/generate_before.py
 Timings are the best of `--repeats` interleaved runs (the machine is shared; the best run is the least
 disturbed, and interleaving gives both sides the same background load).
 """
@@ -15,6 +20,7 @@ disturbed, and interleaving gives both sides the same background load).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -71,7 +77,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--random", action="store_true", help="random weights of SmolLM2's shape instead of the real ones")
+    ap.add_argument("--baseline", type=Path, default=None, help="another generate.py to time as a third side")
     args = ap.parse_args()
+    baseline = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("generate_baseline", args.baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = baseline  # dataclasses look their module up
+        spec.loader.exec_module(baseline)
     torch.set_num_threads(args.threads)
 
     if args.random:
@@ -90,27 +103,36 @@ def main():
     print(f"# generate benchmark: {what}, greedy, {args.new_tokens} new tokens, {args.threads} threads, "
           f"torch {torch.__version__}", file=sys.stderr)
 
-    print("| batch | ours tok/s | transformers tok/s | ratio | same tokens |")
-    print("| ---: | ---: | ---: | ---: | :---: |")
+    base_cols = " baseline tok/s | baseline ratio |" if baseline else ""
+    print(f"| batch | ours tok/s | transformers tok/s | ratio |{base_cols} same tokens |")
+    print("| ---: | ---: | ---: | ---: |" + " ---: | ---: |" * bool(baseline) + " :---: |")
     for bs in args.batch_sizes:
         batch = prompts[:bs]
-        ours_fn = lambda: [c.tokens for c in generate(model, batch, max_new_tokens=args.new_tokens, greedy=True)]
-        hf_fn = lambda: hf_generate(hf, batch, args.new_tokens, pad_id=0)
-        ours_fn(), hf_fn()  # warm-up (allocator, thread pools)
-        t_ours = t_hf = float("inf")
-        for _ in range(args.repeats):  # interleaved, so both see the same background load
-            t, ours = timed(ours_fn)
-            t_ours = min(t_ours, t)
-            t, theirs = timed(hf_fn)
-            t_hf = min(t_hf, t)
+        sides = {
+            "ours": lambda: [c.tokens for c in generate(model, batch, max_new_tokens=args.new_tokens, greedy=True)],
+            "hf": lambda: hf_generate(hf, batch, args.new_tokens, pad_id=0),
+        }
+        if baseline:
+            sides["baseline"] = lambda: [c.tokens for c in baseline.generate(model, batch,
+                                                                             max_new_tokens=args.new_tokens,
+                                                                             greedy=True)]
+        for fn in sides.values():
+            fn()  # warm-up (allocator, thread pools)
+        best, out = {k: float("inf") for k in sides}, {}
+        for _ in range(args.repeats):  # interleaved, so every side sees the same background load
+            for k, fn in sides.items():
+                t, out[k] = timed(fn)
+                best[k] = min(best[k], t)
         n = bs * args.new_tokens
-        same = ours == theirs
-        if not same:
+        ours, theirs = out["ours"], out["hf"]
+        same = ours == theirs and out.get("baseline", ours) == ours
+        if ours != theirs:
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
             pos = next(j for j, (a, b) in enumerate(zip(ours[first], theirs[first])) if a != b)
             print(f"# batch {bs}: row {first} differs from token {pos} on", file=sys.stderr)
-        print(f"| {bs} | {n / t_ours:.1f} | {n / t_hf:.1f} | {t_hf / t_ours:.2f}x | {'yes' if same else 'NO'} |",
-              flush=True)
+        base = f" {n / best['baseline']:.1f} | {best['hf'] / best['baseline']:.2f}x |" if baseline else ""
+        print(f"| {bs} | {n / best['ours']:.1f} | {n / best['hf']:.1f} | {best['hf'] / best['ours']:.2f}x |{base} "
+              f"{'yes' if same else 'NO'} |", flush=True)
 
 
 if __name__ == "__main__":

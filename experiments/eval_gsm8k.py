@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from atmanrl.config import EvalConfig, RolloutConfig
+
 
 def _number(kind, name: str, what: str, low: float, inclusive: bool = True):
     """An argparse type: a ``kind`` number >= ``low`` (> ``low`` when not ``inclusive``), with a sentence on error."""
@@ -92,14 +94,18 @@ def parse_args(argv=None):
                     help="problems to draw (paper: 500)")
     ap.add_argument("--k", type=_number(int, "--k", "samples per problem", 1), default=4,
                     help="samples per problem (paper: 4)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the problem draw, the sampling and the mistakes")
+    ap.add_argument("--seed", type=int, default=EvalConfig.seed,
+                    help="seed of the problem draw, the sampling and the mistakes (default: the trainer's eval.seed, "
+                         "so both evaluate the same problems)")
     ap.add_argument("--max-new-tokens", type=_number(int, "--max-new-tokens", "tokens per completion", 1),
-                    default=192)
+                    default=RolloutConfig.max_new_tokens,
+                    help="generation length (default: the training length, rollout.max_new_tokens)")
     ap.add_argument("--temperature", type=_number(float, "--temperature", "sampling temperature", 0, False),
                     default=0.7)
     ap.add_argument("--top-p", type=_number(float, "--top-p", "nucleus mass, at most 1", 0, False), default=1.0)
-    ap.add_argument("--batch-size", type=_number(int, "--batch-size", "sequences per generate call", 1), default=32,
+    ap.add_argument("--batch-size", type=_number(int, "--batch-size", "sequences per generate call", 1), default=64,
                     help="sequences per generate call")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the decode step is compiled on CUDA)")
     ap.add_argument("--threads", type=_number(int, "--threads", "torch CPU threads", 1), default=None,
                     help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--label", default=None, help="row label in the table (default: the model name)")
@@ -245,7 +251,12 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=torch.float32)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+    # bf16 on the GPU (as the trainer's rollouts); float32 on the CPU, where bf16 matmuls are slow.
+    model, tokenizer = load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                            device=device)
     model.eval()
     result = evaluate(model, tokenizer, problems, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)

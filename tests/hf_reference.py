@@ -7,6 +7,8 @@ disk), parameter names get the ``model.`` prefix. Only tests and benchmarks impo
 
 from __future__ import annotations
 
+import torch
+
 from atmanrl.model.checkpoint import config_to_hf
 from atmanrl.model.llama import Llama
 
@@ -17,7 +19,8 @@ def hf_twin(model: Llama, attn_implementation: str = "sdpa"):
 
     dtype = model.embed_tokens.weight.dtype
     hf_config = transformers.LlamaConfig(**config_to_hf(model.config), attn_implementation=attn_implementation)
-    hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
+    with torch.device(model.embed_tokens.weight.device):  # built where the model is (a 3B init on a GPU, not a CPU)
+        hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
     state = {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):

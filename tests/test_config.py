@@ -182,7 +182,7 @@ def test_saliency_section_is_the_saliency_modules_config():
 
     c = load_config(CONFIGS / "paper_llama32_3b_atmanrl.yaml", ["saliency.steps=20", "saliency.reward=eq3"])
     assert isinstance(c.saliency, SaliencyConfig)
-    assert (c.saliency.steps, c.saliency.reward, c.saliency.max_batch) == (20, "eq3", 8)
+    assert (c.saliency.steps, c.saliency.reward, c.saliency.max_batch) == (20, "eq3", None)
     defaults = SaliencyConfig()
     for f in ("init", "scale", "steps", "lr", "betas", "weight_decay", "reward", "max_batch"):
         assert getattr(RunConfig().saliency, f) == getattr(defaults, f), f

@@ -4,7 +4,8 @@ parity with the trainer's plain forward (``sequence_logprobs``)."""
 import pytest
 import torch
 
-from atmanrl.model.generate import _top_p_filter, generate, sequence_logprobs
+import atmanrl.model.generate as generate_module
+from atmanrl.model.generate import _top_p_filter, compile_count, generate, sampling_noise, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
 from hf_reference import hf_twin
 
@@ -43,7 +44,7 @@ def test_greedy_equals_transformers_on_smollm2(smollm2):
 def test_sampling_with_a_seed_repeats(tiny):
     prompts = random_prompts([5, 9, 3], 101, seed=1)
     run = lambda seed: generate(tiny, prompts, max_new_tokens=12, temperature=0.8, top_p=0.9,
-                                generator=torch.Generator().manual_seed(seed))
+                                seed=seed)
     a, b, c = run(7), run(7), run(8)
     assert [x.tokens for x in a] == [x.tokens for x in b]
     assert [x.logprobs for x in a] == [x.logprobs for x in b]
@@ -68,7 +69,7 @@ def test_padding_invariance(tiny):
 def test_stop_token_included_and_finished(tiny):
     stop = list(range(0, 101, 4))  # a quarter of the vocabulary: rows stop within a few tokens
     out = generate(tiny, random_prompts([4, 7, 5, 9], 101, seed=3), max_new_tokens=30, temperature=1.0,
-                   stop_ids=stop, generator=torch.Generator().manual_seed(0))
+                   stop_ids=stop, seed=0)
     assert any(c.finished for c in out)
     for c in out:
         assert len(c.tokens) == len(c.logprobs)
@@ -87,7 +88,7 @@ def test_identical_prompts_share_a_prefill(tiny):
 def test_logprob_parity_with_plain_forward(tiny, temperature):
     prompts = random_prompts([3, 12, 7, 7], 101, seed=5)
     out = generate(tiny, prompts, max_new_tokens=16, temperature=temperature, stop_ids=[5],
-                   generator=torch.Generator().manual_seed(1))
+                   seed=1)
     logp, mask = sequence_logprobs(tiny, prompts, [c.tokens for c in out], temperature=temperature)
     for i, c in enumerate(out):
         assert mask[i].sum() == len(c.tokens)
@@ -99,7 +100,7 @@ def test_logprob_parity_on_smollm2(smollm2):
     model, tok = smollm2
     prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["Hi!", "What is the capital of France? Why?"]]
     out = generate(model, prompts, max_new_tokens=24, temperature=0.7, stop_ids=tok.stop_ids,
-                   generator=torch.Generator().manual_seed(0))
+                   seed=0)
     with torch.inference_mode():
         logp, _ = sequence_logprobs(model, prompts, [c.tokens for c in out], temperature=0.7)
     for i, c in enumerate(out):
@@ -124,7 +125,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 def test_tiny_top_p_is_greedy(tiny):
     prompts = random_prompts([5, 8], 101, seed=8)
-    sampled = generate(tiny, prompts, max_new_tokens=10, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    sampled = generate(tiny, prompts, max_new_tokens=10, top_p=1e-6, seed=0)
     greedy = generate(tiny, prompts, max_new_tokens=10, greedy=True)
     assert [c.tokens for c in sampled] == [c.tokens for c in greedy]
 
@@ -132,7 +133,66 @@ def test_tiny_top_p_is_greedy(tiny):
 def test_bad_arguments_say_what_to_do(tiny):
     with pytest.raises(ValueError, match="greedy=True"):
         generate(tiny, [[1, 2]], max_new_tokens=3, temperature=0.0)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        generate(tiny, [[1, 2]], max_new_tokens=3, temperature=float("nan"))
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny, [[1, 2]], max_new_tokens=3, top_p=float("nan"))
+    with pytest.raises(ValueError, match=r"prompt 1 has token id 101 at position 2, outside the model's vocabulary"):
+        generate(tiny, [[1, 2], [3, 4, 101]], max_new_tokens=3)
+    with pytest.raises(ValueError, match="pad_id -1 is outside"):
+        generate(tiny, [[1, 2], [3]], max_new_tokens=3, pad_id=-1)
+    limit = tiny.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_position_embeddings {limit}.*lower max_new_tokens"):
+        generate(tiny, [[1, 2]], max_new_tokens=limit - 1)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(tiny, [[1, 2], [3]], max_new_tokens=3, seed=[1])
     with pytest.raises(ValueError, match="top_p"):
         generate(tiny, [[1, 2]], max_new_tokens=3, top_p=0.0)
     with pytest.raises(ValueError, match="at least one token"):
         generate(tiny, [[1, 2], []], max_new_tokens=3)
+
+
+def test_a_rows_samples_depend_only_on_its_prompt_and_seed(tiny):
+    """Per-row counter-based noise: the same (prompt, seed) samples the same tokens alone, in another batch, at
+    another row, next to longer (padded) prompts; another seed samples other tokens."""
+    a, b, c = random_prompts([4, 10, 7], 101, seed=9)
+    kw = dict(max_new_tokens=14, temperature=1.0, top_p=0.95, stop_ids=[3])
+    alone = generate(tiny, [a], seed=[77], **kw)[0]
+    mixed = generate(tiny, [b, a, c, a], seed=[5, 77, 6, 78], **kw)
+    assert mixed[1].tokens == alone.tokens and mixed[1].finished == alone.finished
+    assert max(abs(x - y) for x, y in zip(mixed[1].logprobs, alone.logprobs)) <= PAD_TOL
+    assert mixed[3].tokens != alone.tokens  # same prompt, other seed
+
+
+def test_gumbel_noise_samples_the_softmax():
+    """argmax(logp + noise) over 40,000 row seeds hits each token with its softmax probability (4 sigma)."""
+    logp = torch.log_softmax(torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]), -1)
+    keys = generate_module.row_keys(range(40_000))
+    counts = torch.bincount((logp + sampling_noise(keys, 3, 5)).argmax(-1), minlength=5).double()
+    p = logp.exp().double()
+    sigma = (p * (1 - p) / 40_000).sqrt()
+    assert ((counts / 40_000 - p).abs() <= 4 * sigma).all(), (counts / 40_000, p)
+    other_step = (logp + sampling_noise(keys, 4, 5)).argmax(-1)
+    assert (other_step != (logp + sampling_noise(keys, 3, 5)).argmax(-1)).float().mean() > 0.3
+
+
+def test_compiled_step_equals_eager_and_does_not_recompile(tiny, monkeypatch):
+    """The static-shape step under torch.compile (dynamo, fullgraph: no graph break) gives the eager path's tokens
+    and log-probs; a second call with other prompt lengths (same batch size, same cache bucket) compiles nothing.
+    The test compiles with the aot_eager backend (graph capture without code generation: inductor's C++ build of
+    the step takes minutes on this CPU); benchmarks/gpu.py checks inductor + CUDA graphs on a GPU."""
+    compiled = torch.compile(generate_module.decode_one_token, backend="aot_eager", fullgraph=True)
+    monkeypatch.setattr(generate_module, "compiled_decode_one_token", lambda mode: compiled)
+    prompts = random_prompts([3, 9, 5], 101, seed=10)
+    kw = dict(max_new_tokens=12, temperature=0.8, stop_ids=[7, 11], seed=[1, 2, 3])
+    eager = generate(tiny, prompts, **kw)
+    assert any(c.finished for c in eager)  # finished rows are masked (not dropped) on the compiled path
+    before = compile_count()
+    static = generate(tiny, prompts, compile=True, **kw)
+    assert compile_count() - before >= 1
+    assert [c.tokens for c in static] == [c.tokens for c in eager]
+    assert [c.finished for c in static] == [c.finished for c in eager]
+    assert max(abs(x - y) for s, e in zip(static, eager) for x, y in zip(s.logprobs, e.logprobs)) <= PAD_TOL
+    before = compile_count()
+    generate(tiny, random_prompts([6, 4, 8], 101, seed=11), compile=True, **kw)
+    assert compile_count() == before

@@ -198,3 +198,42 @@ def test_bad_config_is_a_clear_error():
         LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
     with pytest.raises(ValueError, match="needs a KV cache"):
         _random_ours("gqa-llama3rope-untied")(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
+
+
+def test_bf16_model_keeps_a_float32_bias_exact():
+    """A bf16 model must not round the AtMan bias to bf16 (steps of 1/64 near -4): a bias change of 1e-3 around -4
+    changes the output, and the bias gradient is float32, finite and non-zero."""
+    model = _random_ours("gqa-llama3rope-untied", seed=5).to(torch.bfloat16)
+    S, col = 10, 4
+    tokens = torch.randint(0, model.config.vocab_size, (1, S), generator=torch.Generator().manual_seed(0))
+
+    def logits(value):
+        bias = torch.zeros(1, 1, S, S)
+        bias[..., col:, col] = value
+        return model(tokens, attn_bias=bias)[0, col:].float()
+
+    assert torch.tensor(-3.99).bfloat16() == torch.tensor(-3.98).bfloat16()  # what bf16 would do to the bias
+    with torch.no_grad():
+        a, b = logits(-4.0), logits(-3.999)
+    assert (a - b).abs().max().item() > 0  # vanished (exactly 0) when the bias was cast to bf16
+    p = torch.full((S - col,), -4.0, requires_grad=True)
+    bias = torch.zeros(S, S).index_put((torch.arange(col, S), torch.full((S - col,), col)), p)[None, None]
+    out = model(tokens, attn_bias=bias)
+    (grad,) = torch.autograd.grad(out.float().logsumexp(-1).sum(), [p])
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    assert grad.dtype == torch.float32
+
+
+def test_static_start_pos_equals_int_start_pos():
+    """A 0-dim tensor start_pos (the compiled decode step: whole cache, in-place writes) gives the int path's logits."""
+    model = _random_ours("gqa-llama3rope-tied-headdim", seed=2)
+    B, S, prefix = 2, 14, 6
+    tokens = torch.randint(0, model.config.vocab_size, (B, S))
+    with torch.no_grad():
+        ints, tensors = KVCache(model.config, B, max_len=S + 5), KVCache(model.config, B, max_len=S + 5)
+        a = [model(tokens[:, :prefix], cache=ints)]
+        b = [model(tokens[:, :prefix], cache=tensors)]
+        for t in range(prefix, S):
+            a.append(model(tokens[:, t: t + 1], cache=ints, start_pos=t))
+            b.append(model(tokens[:, t: t + 1], cache=tensors, start_pos=torch.tensor(t)))
+    assert (torch.cat(a, 1) - torch.cat(b, 1)).abs().max().item() <= 1e-5

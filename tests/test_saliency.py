@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from atmanrl.model.llama import Llama, LlamaConfig
 from atmanrl.saliency import AnswerBatch, AtManMask, EarlyStop, SaliencyConfig, SaliencyInput, saliency
 from atmanrl.saliency.atman import atman_explanation
+from atmanrl.saliency.batch import sequences_per_batch
 from atmanrl.saliency.optimize import spearman
 from atmanrl.saliency.readout import column_means, normalised_mask, rewards, token_saliency
 from atmanrl.saliency.render import html_page, terminal
@@ -241,6 +242,35 @@ def test_batched_equals_one_by_one():
     chunked = saliency(model, inputs, SaliencyConfig(steps=3, return_mask=True, max_batch=3))
     for r, c in zip(together, chunked):
         assert (r.mask - c.mask).abs().max().item() <= 1e-12
+
+
+def test_an_update_at_once_equals_group_by_group():
+    """The masks of three GRPO groups (3 rollouts each, one prompt per group) in one call -- one batch on a CPU,
+    each prompt computed once -- equal the group-by-group calls (float64, 3 steps; tolerance 1e-12)."""
+    model = tiny(seed=13)
+    g = torch.Generator().manual_seed(13)
+    groups = []
+    for n_prompt in (3, 7, 5):
+        prompt = torch.randint(3, VOCAB, (n_prompt,), generator=g).tolist()
+        groups.append([random_input(g, 0, int(n_cot), 2, prompt=prompt) for n_cot in (4, 6, 2)])
+    inputs = [x for group in groups for x in group]
+    assert sequences_per_batch(model, inputs) == len(inputs)  # CPU: all at once
+    assert AnswerBatch(model, inputs).n_prompts == 3
+    config = SaliencyConfig(steps=3, return_mask=True)
+    together = saliency(model, inputs, config)
+    by_group = [r for group in groups for r in saliency(model, group, config)]
+    for a, b in zip(together, by_group):
+        assert a.ok and b.ok
+        assert (a.mask - b.mask).abs().max().item() <= 1e-12
+        assert abs(a.reward - b.reward) <= 1e-12
+
+
+def test_inputs_the_model_cannot_read_are_clear_errors():
+    model = tiny(seed=14)
+    with pytest.raises(ValueError, match=f"token id {VOCAB} at position 1, outside the model's vocabulary"):
+        saliency(model, [SaliencyInput.from_parts([5, VOCAB], [6, 7], [1], [8])])
+    with pytest.raises(ValueError, match="max_position_embeddings 128"):
+        saliency(model, [SaliencyInput.from_parts([5] * 100, [6] * 30, [1], [8])])
 
 
 def test_weights_are_frozen_and_untouched():

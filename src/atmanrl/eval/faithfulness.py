@@ -148,15 +148,14 @@ def task_inputs(model, tokenizer, task, problems: Sequence, layout: AnswerLayout
     """One sampled CoT per problem from a trainer ``Task`` (``atmanrl.rl.rollout.Task``: ``prompt``, ``stop_ids``,
     ``pad_id``; problems with a ``gold``): the completion's tokens before ``layout.delimiter_text`` (all of them
     when it wrote none). Problems whose CoT comes out empty are skipped."""
-    import torch
 
     prompts = [task.prompt(p) for p in problems]
-    generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         completions = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                               stop_ids=task.stop_ids, generator=generator, pad_id=task.pad_id)
+                               stop_ids=task.stop_ids, pad_id=task.pad_id,
+                               seed=[seed * 1_000_003 + start + k for k in range(len(chunk))])  # per problem
         for k, (prompt, c) in enumerate(zip(chunk, completions)):
             tokens = [t for t in c.tokens if t not in task.stop_ids]
             text, ends = _token_ends(tokenizer, tokens)

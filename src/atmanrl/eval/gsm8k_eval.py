@@ -4,8 +4,11 @@ Every sample is kept: prompt, completion text, CoT and answer text, correctness,
 its spaCy composition. Definitions (docs/DESIGN.md, decision 10):
 - CoT length: model tokens before the first ``#####`` (``split_tokens``); a completion without the delimiter is
   all CoT (its text tokens, the end-of-turn token excluded) and has no answer, so it is incorrect.
-- Sampling: one seeded ``torch.Generator`` for the whole run, so a run repeats; the k samples of a problem share a
-  prefill (``generate`` deduplicates identical prompts).
+- Sampling: sample ``j`` of problem ``i`` has its own seed ``(seed, i, j)`` (``generate``'s per-row seeds), so a
+  run repeats and its samples do not depend on ``batch_size``; the k samples of a problem share a prefill
+  (``generate`` deduplicates identical prompts).
+- Batched across problems: ``batch_size`` sequences (``batch_size // k`` problems) per ``generate`` call. On a GPU a
+  large batch is what makes decoding fast; the default suits both.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-import torch
-
+from atmanrl.config import EvalConfig, RolloutConfig
 from atmanrl.data.gsm8k import Problem, build_prompt, is_correct, split_completion, split_tokens
 from atmanrl.eval.composition import composition
 from atmanrl.eval.table1 import summarize
@@ -27,22 +29,26 @@ def evaluate(
     problems: list[Problem],
     *,
     k: int = 4,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = RolloutConfig.max_new_tokens,
     temperature: float = 0.7,
     top_p: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 32,
+    seed: int = EvalConfig.seed,
+    batch_size: int = 64,
     progress: bool = True,
 ) -> dict:
-    """Sample ``k`` completions per problem and score them. Returns ``{"summary": ..., "samples": [...]}``."""
-    generator = torch.Generator().manual_seed(seed)
+    """Sample ``k`` completions per problem and score them. Returns ``{"summary": ..., "samples": [...]}``.
+
+    Defaults follow the training run's: ``max_new_tokens`` = ``rollout.max_new_tokens``, ``seed`` = ``eval.seed``
+    (``atmanrl.config``).
+    """
     per_batch = max(1, batch_size // k)  # problems per generate call (their k samples stay together)
     samples, t0 = [], time.perf_counter()
     for start in range(0, len(problems), per_batch):
         chunk = problems[start: start + per_batch]
         prompts = [build_prompt(tokenizer, p.question) for p in chunk]
+        seeds = [(seed * 1_000_003 + start + i) * 1_000_033 + j for i in range(len(chunk)) for j in range(k)]
         outs = generate(model, [p for p in prompts for _ in range(k)], max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop_ids=tokenizer.stop_ids, generator=generator,
+                        temperature=temperature, top_p=top_p, stop_ids=tokenizer.stop_ids, seed=seeds,
                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)
         for j, out in enumerate(outs):
             i = start + j // k

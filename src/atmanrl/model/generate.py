@@ -12,25 +12,41 @@ What is notable here:
   ``sequence_logprobs`` recomputes, so the importance ratio starts at 1; the nucleus only acts as a proposal
   filter. With ``greedy=True`` the argmax is taken and its log-prob under ``log_softmax(logits / temperature)``
   is returned.
+- **Randomness per row, not per call.** Each row has its own seed; the token of row ``b`` at step ``t`` is the
+  Gumbel-max draw ``argmax(logp + G)`` whose noise ``G`` is a pure function of (row seed, ``t``, token id): uniforms
+  from a counter-based integer hash (``sampling_noise``). So a row samples the same tokens whatever else is in the
+  batch, however the batch is split (one call per update or per problem, one rank or eight), and the step needs no
+  generator state: it is a plain vectorised function, which a CUDA graph can capture.
 - **Stop tokens.** ``Completion.tokens`` includes the stop token when one was hit (``finished=True``); the trainer
   then also trains the decision to stop. A sequence cut at ``max_new_tokens`` has ``finished=False``.
 - **Left padding, exactly.** Prompts of different lengths are left-padded so that every sequence's next token sits
-  in the same cache slot. Padded key slots get ``-inf`` in ``attn_bias`` (weight exactly 0) and the rotary
-  positions of real tokens start at 0 in every row, so a sequence's tokens and log-probs do not depend on its
-  batch neighbours (up to float rounding of differently shaped matmuls). Pad *query* rows see only themselves,
-  because a row whose every key is ``-inf`` would give NaN.
-- **Cheap steps.** Identical prompts (k samples of one problem, G rollouts of one query) are prefilled once and
-  their cache rows copied; the LM head runs on the last position only; the pad bias is built once and sliced per
-  step; finished sequences are dropped from the batch (``KVCache.select``) once a quarter of it has finished.
+  in the same cache slot. Padded key slots are hidden (``llama.hidden_key_bias``) and the rotary positions of real
+  tokens start at 0 in every row, so a sequence's tokens and log-probs do not depend on its batch neighbours (up to
+  float rounding of differently shaped matmuls).
+- **Prefill, then one small step.** Identical prompts (k samples of one problem, G rollouts of one query) are
+  prefilled once and their cache rows copied; the LM head runs on the last position only. Every later token is one
+  call of ``decode_one_token`` (model forward of one token per row + the pick of the next token).
+- **Compiled on CUDA.** ``compile=None`` compiles the step on CUDA (``torch.compile(mode="reduce-overhead")``, a
+  CUDA graph: one launch per token instead of ~15 kernels per layer) and runs it eagerly elsewhere. The compiled
+  step has static shapes: a fixed batch (finished rows keep decoding, masked, instead of being dropped), a cache
+  length rounded up to a multiple of ``CACHE_BUCKET`` (prompts of similar length reuse one compiled graph), one
+  cache buffer kept across calls (``static_cache``: a CUDA graph writes it at fixed addresses), and the step's
+  slot passed as a tensor (``Llama.forward``). ``compile_count()`` counts compiled graphs so a caller
+  can see a recompilation. The eager step attends only to the slots written so far and drops finished rows once
+  a quarter of the batch has finished (on a CPU, later steps then cost less).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from atmanrl.model.llama import KVCache, Llama
+from atmanrl.model.llama import KVCache, Llama, hidden_key_bias
+
+CACHE_BUCKET = 256  # the compiled step's cache length is a multiple of this (one graph for many prompt lengths)
 
 
 @dataclass
@@ -58,12 +74,76 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return tokens, positions, is_pad
 
 
-def _pad_bias(is_pad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Prefill bias ``(B, 1, P, P)``: -inf on pad key columns, except each pad query's own slot (no NaN rows)."""
-    P = is_pad.shape[1]
-    eye = torch.eye(P, dtype=torch.bool, device=is_pad.device)
-    hide = is_pad[:, None, None, :] & ~eye  # (B, 1, P, P)
-    return torch.zeros(hide.shape, dtype=dtype, device=is_pad.device).masked_fill(hide, float("-inf"))
+def check_tokens(model: Llama, sequences: Sequence[Sequence[int]], what: str, *, pad_id: int | None = None,
+                 extra_positions: int = 0) -> None:
+    """Refuse token ids outside the model's vocabulary and sequences longer than its position table.
+
+    ``extra_positions``: positions the caller will add after each sequence (``max_new_tokens`` of a generation).
+    Raised as ``ValueError`` naming the sequence, the id or the length, and the limit -- instead of the embedding's
+    ``index out of range in self`` or silently wrong rotary positions past the trained range.
+    """
+    vocab, limit = model.config.vocab_size, model.config.max_position_embeddings
+    if pad_id is not None and not 0 <= pad_id < vocab:
+        raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary [0, {vocab}); pass the tokenizer's pad "
+                         f"id (any id in range works: padded slots are hidden)")
+    for i, seq in enumerate(sequences):
+        bad = next((j for j, t in enumerate(seq) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{what} {i} has token id {seq[bad]} at position {bad}, outside the model's vocabulary "
+                             f"[0, {vocab}); was it tokenized with another model's tokenizer?")
+        if len(seq) + extra_positions > limit:
+            extra = f" + {extra_positions} new tokens" if extra_positions else ""
+            raise ValueError(f"{what} {i} needs {len(seq) + extra_positions} positions ({len(seq)} tokens{extra}), "
+                             f"more than the model's max_position_embeddings {limit}; shorten it"
+                             f"{' or lower max_new_tokens' if extra_positions else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: Gumbel-max with counter-based noise
+# ---------------------------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanche hash of 32-bit values held in int64 (multipliers < 2^31, so no product overflows int64)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def row_keys(seeds: Sequence[int], device=None) -> torch.Tensor:
+    """``(B, 2)`` int64: two 32-bit words per row, from any Python int seed (hashed, so nearby seeds differ)."""
+    words = []
+    for s in seeds:
+        h = _splitmix64(int(s) & _M64 ^ _splitmix64(int(s) >> 64 & _M64))
+        words.append([h & _M32, h >> 32])
+    return torch.tensor(words, dtype=torch.long, device=device)
+
+
+def sampling_noise(keys: torch.Tensor, step: torch.Tensor | int, vocab: int) -> torch.Tensor:
+    """Gumbel noise ``(B, vocab)`` float32: a pure function of (row key, step, token id).
+
+    Uniforms in (0, 1) with 24 random bits from a counter-based hash, then ``-log(-log(u))``. Vectorised integer
+    ops only: no generator state, the same on every device, capturable in a CUDA graph.
+    """
+    step = torch.as_tensor(step, dtype=torch.long, device=keys.device)
+    h = _mix32(keys[:, 0] ^ _mix32((step + 0x165667B1) & _M32))  # (B,)
+    h = _mix32(h ^ keys[:, 1])
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.long)
+    bits = _mix32(_mix32((h[:, None] + ids[None, :] * 0x61C88647) & _M32) ^ h[:, None])  # (B, V)
+    u = ((bits >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -74,17 +154,98 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
-def _pick(logits, temperature, top_p, greedy, generator):
-    """Next token ``(B,)`` and its log-prob under ``log_softmax(logits / temperature)`` ``(B,)``."""
+def _pick(logits, temperature: float, top_p: float, greedy: bool, keys: torch.Tensor, step):
+    """Next token ``(B,)`` and its log-prob under ``log_softmax(logits / temperature)`` ``(B,)``.
+
+    Sampling is the Gumbel-max trick: ``argmax(logp + G)`` with ``G`` i.i.d. Gumbel draws a token with probability
+    ``softmax(logp)``; outside the nucleus (``top_p < 1``) ``logp`` is ``-inf``, which draws from the renormalised
+    nucleus.
+    """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V): what sequence_logprobs recomputes
     if greedy:
         token = logits.argmax(-1)
     else:
-        probs = logp.exp()
+        scores = logp
         if top_p < 1.0:
-            probs = _top_p_filter(probs, top_p)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            scores = logp.masked_fill(_top_p_filter(logp.exp(), top_p) == 0, float("-inf"))
+        token = (scores + sampling_noise(keys, step, logp.shape[-1])).argmax(-1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill and the decode step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def prefill(model: Llama, prompts: list[list[int]], cache_len: int, pad_id: int):
+    """Run every distinct prompt once; return the cache (one row per prompt), the last logits ``(B, V)``, which
+    cache slots are padding ``(B, P)`` and each row's next rotary position ``(B,)``."""
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    unique: dict[tuple, int] = {}
+    expand = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
+    tokens, positions, is_pad = left_pad([list(p) for p in unique], pad_id, device)
+    P = tokens.shape[1]
+    cache = KVCache(model.config, tokens.shape[0], cache_len, device=device, dtype=dtype)
+    bias = hidden_key_bias(is_pad, dtype) if bool(is_pad.any()) else None
+    last = torch.full((1, 1), P - 1, device=device)
+    logits = model(tokens, bias, positions=positions, cache=cache, logits_at=last)[:, -1]  # (B_unique, V)
+    if len(unique) < len(prompts):
+        cache, logits = cache.select(expand), logits[expand]
+    return cache, logits, is_pad[expand], positions[expand, -1] + 1
+
+
+def decode_one_token(model: Llama, token, position, slot, cache: KVCache, key_bias, keys, step, *,
+                     temperature: float, top_p: float, greedy: bool):
+    """One decode step: feed ``token (B,)`` at rotary ``position (B,)`` into cache ``slot``; pick the next token.
+
+    ``slot`` is an int (eager: attend over slots ``[0, slot]``) or a 0-dim tensor (compiled: attend over the whole
+    cache, later slots hidden, static shapes). ``key_bias (B, 1, 1, cache_len)`` hides padded prompt slots (None:
+    no padding). ``step`` indexes the sampling noise of the token being picked. Returns ``(token, logp)``, each
+    ``(B,)``.
+    """
+    bias = key_bias
+    if bias is not None and not isinstance(slot, torch.Tensor):
+        bias = bias[..., : slot + 1]
+    logits = model(token[:, None], bias, positions=position[:, None], cache=cache, start_pos=slot)[:, -1]
+    return _pick(logits, temperature, top_p, greedy, keys, step)
+
+
+_compiled_steps: dict[str, object] = {}
+_static_cache: dict[tuple, KVCache] = {}  # the compiled step's cache, kept across calls (one entry)
+
+
+def static_cache(model: Llama, batch_size: int, cache_len: int) -> KVCache:
+    """The compiled step's KV cache: one buffer set reused by every call with the same (model, batch, length).
+
+    A CUDA graph reads and writes the cache at fixed addresses, and the compiled step guards on those tensors: a
+    fresh cache per call would re-record (or recompile) every call. Only the latest shape is kept (memory).
+    """
+    w = model.embed_tokens.weight
+    key = (id(model), batch_size, cache_len, w.dtype, w.device)
+    if key not in _static_cache:
+        _static_cache.clear()
+        cache = KVCache(model.config, batch_size, cache_len, device=w.device, dtype=w.dtype)
+        if w.device.type == "cuda":
+            for buf in (*cache.k, *cache.v):
+                torch._dynamo.mark_static_address(buf)
+        _static_cache[key] = cache
+    return _static_cache[key]
+
+
+def compiled_decode_one_token(mode: str):
+    """``decode_one_token`` under ``torch.compile(mode=mode, fullgraph=True)``, built once per mode."""
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return _compiled_steps[mode]
+
+
+def compile_count() -> int:
+    """Graphs compiled so far by ``torch.compile`` in this process (torch._dynamo's counter): a caller compares it
+    before and after a call to see whether that call (re)compiled."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @torch.inference_mode()
@@ -97,47 +258,59 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     stop_ids=(),
-    generator: torch.Generator | None = None,
+    seed: int | Sequence[int] = 0,
     pad_id: int = 0,
+    compile: bool | None = None,
 ) -> list[Completion]:
     """Continue every prompt (token ids, chat template already applied) by at most ``max_new_tokens`` tokens.
 
     Sampling draws from ``softmax(logits / temperature)``, restricted to the top-p nucleus when ``top_p < 1``;
-    ``greedy=True`` takes the argmax. Pass a seeded ``torch.Generator`` to make sampling repeat. A sequence stops
-    at the first token in ``stop_ids`` (e.g. the tokenizer's end-of-turn ids). Returns one ``Completion`` per
-    prompt, in order. See the module docstring for exactly what ``logprobs`` holds.
+    ``greedy=True`` takes the argmax. ``seed``: one seed per prompt (a sequence of ints), or one int from which
+    row ``b`` gets the seed ``(seed, b)``; a row's tokens depend only on its prompt and its seed (module
+    docstring). A sequence stops at the first token in ``stop_ids`` (e.g. the tokenizer's end-of-turn ids).
+    ``compile``: compile the decode step (None: on CUDA only). Returns one ``Completion`` per prompt, in order.
+    See the module docstring for exactly what ``logprobs`` holds.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (got {temperature}); for argmax decoding pass "
+                         f"greedy=True (its log-probs are still reported under the temperature)")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}; 1 disables the nucleus filter")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    B = len(prompts)
+    if isinstance(seed, int):
+        seeds = [(seed << 32) + b for b in range(B)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts; pass one seed per prompt, or one int")
     if max_new_tokens < 1:
         return [Completion([], [], False) for _ in prompts]
-    device = next(model.parameters()).device
+    check_tokens(model, prompts, "prompt", pad_id=pad_id, extra_positions=max_new_tokens)
+    device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
-    B = len(prompts)
+    compiled = device.type == "cuda" if compile is None else compile
 
-    # Identical prompts are prefilled once; `expand` maps each prompt to its unique row.
-    unique: dict[tuple, int] = {}
-    expand = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts], device=device)
-    tokens, positions, is_pad = left_pad([list(p) for p in unique], pad_id, device)
-    P = tokens.shape[1]
-    padded = bool(is_pad.any())
-
-    cache = KVCache(model.config, tokens.shape[0], P + max_new_tokens, device=device, dtype=dtype)
-    last = torch.full((1, 1), P - 1, device=device)
-    logits = model(tokens, _pad_bias(is_pad, dtype) if padded else None, positions=positions, cache=cache,
-                   logits_at=last)[:, -1]  # (B_unique, V)
-    if len(unique) < B:
-        cache, logits = cache.select(expand), logits[expand]
-    is_pad, next_pos = is_pad[expand], positions[expand, -1] + 1
-    # Decode-step bias over all cache slots (-inf on pads), sliced to the visible slots at each step.
-    step_bias = None
-    if padded:
-        step_bias = torch.zeros(B, 1, 1, P + max_new_tokens, dtype=dtype, device=device)
-        step_bias[:, 0, 0, :P].masked_fill_(is_pad, float("-inf"))
+    P = max(len(p) for p in prompts)
+    cache_len = P + max_new_tokens
+    if compiled:  # one graph for many prompt lengths (a changed cache length would recompile)
+        cache_len = -(-cache_len // CACHE_BUCKET) * CACHE_BUCKET
+    cache, logits, is_pad, position = prefill(model, prompts, cache_len, pad_id)
+    key_bias = None
+    if bool(is_pad.any()):  # hide the prompts' pad slots from every later query
+        hidden = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
+        hidden[:, :P] = is_pad
+        key_bias = hidden_key_bias(hidden, dtype)
+    keys = row_keys(seeds, device)
+    step_fn = decode_one_token
+    if compiled:
+        step_fn = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else "default")
+        static = static_cache(model, B, cache_len)
+        for dst, src in zip((*static.k, *static.v), (*cache.k, *cache.v)):
+            dst.copy_(src)  # every slot: the prompts, zeros after them (no stale values from an earlier call)
+        cache = static
+    sample = dict(temperature=temperature, top_p=top_p, greedy=greedy)
 
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
@@ -147,26 +320,36 @@ def generate(
     rows = torch.arange(B, device=device)  # original index of each row still in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)  # rows in the batch that have not stopped yet
 
+    token, logp = _pick(logits, temperature, top_p, greedy, keys, 0)
     for t in range(max_new_tokens):
-        token, logp = _pick(logits, temperature, top_p, greedy, generator)
-        live = rows[alive]
-        out_tokens[live, t], out_logp[live, t] = token[alive], logp[alive]
-        length[live] += 1
+        if t > 0:
+            slot = P + t - 1  # the previous token's cache slot
+            if compiled:
+                slot = torch.tensor(slot, device=device)
+                step = torch.tensor(t, device=device)
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+            else:
+                step = t
+            token, logp = step_fn(model, token, position, slot, cache, key_bias, keys, step, **sample)
+            if compiled:  # a CUDA graph's outputs are overwritten by its next replay
+                token, logp = token.clone(), logp.clone()
+            position = position + 1
+        out_tokens[rows, t] = torch.where(alive, token, out_tokens[rows, t])
+        out_logp[rows, t] = torch.where(alive, logp, out_logp[rows, t])
+        length[rows] += alive
         hit = alive & torch.isin(token, stop)
-        finished[rows[hit]] = True
-        alive &= ~hit
+        finished[rows] |= hit
+        alive = alive & ~hit
         n_alive = int(alive.sum())
-        if n_alive == 0 or t == max_new_tokens - 1:
+        if n_alive == 0:
             break
-        if len(rows) - n_alive >= max(1, len(rows) // 4):  # drop finished rows: later steps cost less
+        if not compiled and len(rows) - n_alive >= max(1, len(rows) // 4):  # drop finished rows (eager only)
             keep = alive.nonzero().squeeze(-1)
-            cache, rows, token, next_pos = cache.select(keep), rows[keep], token[keep], next_pos[keep]
-            step_bias = step_bias[keep] if step_bias is not None else None
+            cache, rows, token, position, keys = (cache.select(keep), rows[keep], token[keep], position[keep],
+                                                  keys[keep])
+            key_bias = key_bias[keep] if key_bias is not None else None
             alive = alive[keep]
-        start = P + t
-        bias = step_bias[..., : start + 1] if step_bias is not None else None
-        logits = model(token[:, None], bias, positions=next_pos[:, None], cache=cache, start_pos=start)[:, -1]
-        next_pos = next_pos + 1
 
     out_tokens, out_logp, length, finished = out_tokens.tolist(), out_logp.tolist(), length.tolist(), finished.tolist()
     return [

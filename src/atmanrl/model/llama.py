@@ -10,7 +10,14 @@ What is notable here:
 - Module and parameter names equal Hugging Face's ``LlamaForCausalLM`` without the ``model.`` prefix, so loading a
   checkpoint is a rename, not a re-layout (``atmanrl.model.checkpoint``).
 - A KV cache (``KVCache``) lets a forward pass start at any slot: incremental decoding, and the saliency module's
-  reuse of a prompt prefix computed once.
+  reuse of a prompt prefix computed once. ``start_pos`` may be a tensor: the forward then writes its slots in place
+  and attends over the whole cache (hiding later slots with the causal mask), so every decode step has the same
+  shapes -- what a compiled, CUDA-graph-captured decode step needs (``atmanrl.model.generate``).
+- Padded keys are hidden one way, ``hidden_key_bias``: a finite ``finfo.min`` bias (weight exactly 0 next to any
+  visible key; a query whose every key is hidden gets a harmless uniform softmax instead of NaN).
+- The bias keeps its precision: scores and bias are added in the wider of the model's and the bias's dtype. A bf16
+  model with a float32 AtMan bias runs that attention in float32, because bf16 has steps of 1/64 near -4 (-3.99
+  and -3.98 would both become -3.984) and the mask optimiser's small steps would vanish.
 """
 
 from __future__ import annotations
@@ -132,7 +139,17 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
-    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k, v (B, Hkv, S, d)`` at slots ``[start_pos, start_pos + S)``; return the keys/values to attend.
+
+        An int ``start_pos`` returns slots ``[0, start_pos + S)``. A tensor ``start_pos`` (0-dim) writes in place with
+        ``index_copy_`` and returns the whole buffers: the shapes never change, so a compiled step is reused.
+        """
+        if isinstance(start_pos, torch.Tensor):
+            slots = start_pos + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} slots; a forward to slot {end} does not fit")
@@ -190,10 +207,15 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, Hkv, start_pos + S, d)
         # Eq. 1: softmax(Q K^T / sqrt(d) + mask) V, where `mask` = causal mask + H^AtMan (the attn_bias).
         # mask None means plain causal attention, which SDPA does without materialising a mask (see Llama.forward).
+        # A mask wider than the model's dtype (a float32 AtMan bias on a bf16 model) is not rounded to the model's
+        # dtype: the attention then runs in the mask's dtype (see the module docstring).
+        dtype = q.dtype
+        if mask is not None and mask.dtype != dtype:
+            q, k, v = q.to(mask.dtype), k.to(mask.dtype), v.to(mask.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=self.n_heads != self.n_kv_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return self.o_proj(out.to(dtype).transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):
@@ -227,16 +249,27 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def causal_mask(s_q: int, s_k: int, start_pos: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def causal_mask(s_q: int, s_k: int, start_pos: int | torch.Tensor, device=None, dtype=torch.float32) -> torch.Tensor:
     """Additive causal mask ``(S_q, S_k)``: query slot ``start_pos + i`` sees key slots ``<= start_pos + i``.
 
     The paper writes the causal restriction as ``H_M = H o T`` with a lower-triangular T; in additive form the
-    entries above the diagonal are -inf (softmax weight exactly 0).
+    entries above the diagonal are -inf (softmax weight exactly 0). ``start_pos`` may be a 0-dim tensor (static
+    decoding: the shapes then do not depend on it).
     """
-    q_slot = torch.arange(start_pos, start_pos + s_q, device=device)[:, None]
+    q_slot = start_pos + torch.arange(s_q, device=device)[:, None]
     k_slot = torch.arange(s_k, device=device)[None, :]
     mask = torch.zeros(s_q, s_k, device=device, dtype=dtype)
     return mask.masked_fill(k_slot > q_slot, float("-inf"))
+
+
+def hidden_key_bias(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The one way to hide keys (padding): ``hidden (B, S_k)`` bool -> additive bias ``(B, 1, 1, S_k)``.
+
+    Hidden keys get ``finfo(dtype).min``: finite, so a query whose every key is hidden (a left-pad query) gets a
+    uniform softmax instead of NaN, and ``exp`` of it underflows to exactly 0 next to any visible key.
+    """
+    bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+    return bias.masked_fill(hidden, torch.finfo(dtype).min)[:, None, None, :]
 
 
 class Llama(nn.Module):
@@ -268,7 +301,7 @@ class Llama(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, S, V)`` for ``tokens (B, S)``.
@@ -279,23 +312,29 @@ class Llama(nn.Module):
         positions: rotary positions ``(B, S)`` (default ``start_pos + arange(S)``); differs from the slots when
             prompts are left-padded.
         cache: a ``KVCache``; keys/values of this call go to slots ``[start_pos, start_pos + S)`` and the queries
-            attend over ``[0, start_pos + S)``. Without a cache ``start_pos`` must be 0.
+            attend over ``[0, start_pos + S)``. Without a cache ``start_pos`` must be 0. A 0-dim tensor
+            ``start_pos`` attends over all ``cache.max_len`` slots (later ones hidden by the causal mask), so the
+            shapes do not depend on it; ``attn_bias`` then spans ``cache.max_len`` keys.
         logits_at: indices ``(B, K)`` of the positions whose logits are wanted; the LM head (the largest matrix of
             a small model) then runs on ``K`` positions instead of ``S``. Returns ``(B, K, V)``.
         """
         B, S = tokens.shape
-        if cache is None and start_pos != 0:
+        static = isinstance(start_pos, torch.Tensor)
+        if cache is None and (static or start_pos != 0):
             raise ValueError("start_pos > 0 needs a KV cache holding the earlier slots")
         if positions is None:
-            positions = torch.arange(start_pos, start_pos + S, device=tokens.device).expand(B, S)
+            positions = (start_pos + torch.arange(S, device=tokens.device)).expand(B, S)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        if attn_bias is None and (S == 1 or start_pos == 0):
+        if not static and attn_bias is None and (S == 1 or start_pos == 0):
             mask = None  # causal only: one query sees every cached slot, or SDPA's is_causal on a square block
         else:
-            mask = causal_mask(S, start_pos + S, start_pos, tokens.device, x.dtype)
+            # Scores + bias in the wider dtype: a float32 AtMan bias is not rounded to bf16 (module docstring).
+            dtype = x.dtype if attn_bias is None else torch.promote_types(x.dtype, attn_bias.dtype)
+            n_keys = cache.max_len if static else start_pos + S
+            mask = causal_mask(S, n_keys, start_pos, tokens.device, dtype)
             if attn_bias is not None:
-                mask = mask + attn_bias.to(x.dtype)
+                mask = mask + attn_bias.to(dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.norm(x)

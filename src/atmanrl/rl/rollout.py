@@ -4,10 +4,13 @@ What is notable here:
 - The trainer does not know what a problem is. A ``Task`` turns a problem into prompt tokens and judges a
   completion. Tasks live with their data (``atmanrl.data.gsm8k_task.GSM8KTask``) and are picked by name from
   ``atmanrl.data.tasks``; tests plug in tiny ones.
-- Sampling is seeded per (run seed, update, problem): ``sampling_generator``. The G rollouts of a problem are one
-  ``generate`` call with their own generator, so a problem's rollouts are the same whichever rank draws them and
-  however many ranks there are -- the global batch does not depend on the world size, and resuming from a
-  checkpoint needs no generator state (both are tested).
+- One ``generate`` call per update and rank (``rollout_update``): all problems x G rollouts in one batch (each
+  distinct prompt prefilled once), instead of one small batch per problem.
+- Sampling is seeded per row: rollout ``g`` of problem ``i`` at update ``u`` has the seed ``rollout_seed(seed, u,
+  i, g)``, and ``generate`` draws a row's tokens from its seed alone (counter-based noise, see
+  ``atmanrl.model.generate``). So a problem's rollouts are the same whichever rank draws them, however many ranks
+  there are and whatever else is in the batch -- the global batch does not depend on the world size, and resuming
+  from a checkpoint needs no generator state (all tested).
 - ``logp_old`` is the generator's per-token log-probability (``log_softmax(logits / temperature)`` of the sampled
   token, the quantity ``sequence_logprobs`` recomputes), recorded at sampling time.
 - Truncated rollouts. A completion with no ``#####`` (cut at ``max_new_tokens``, or stopped without one) has no
@@ -68,36 +71,34 @@ class Rollout:
     saliency_result: SaliencyResult | None = None
 
 
-def sampling_generator(seed: int, update: int, problem: int, device="cpu") -> torch.Generator:
-    """A generator seeded from (run seed, update, problem index) only -- not from the rank or the world size."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + update) * 1_000_033 + problem)
-    return g
-
-
-def rollout_group(model, task: Task, problem, problem_index: int, *, group_size: int, max_new_tokens: int,
-                  temperature: float, top_p: float, generator: torch.Generator) -> list[Rollout]:
-    """G completions of one problem (one batched ``generate`` call: the prompt is prefilled once), scored."""
-    prompt = task.prompt(problem)
-    completions = generate(model, [prompt] * group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stop_ids=task.stop_ids, generator=generator, pad_id=task.pad_id)
-    return [
-        Rollout(problem_index, prompt, c.tokens, c.logprobs, c.finished, task.score(problem, prompt, c.tokens))
-        for c in completions
-    ]
+def rollout_seed(seed: int, update: int, problem: int, g: int) -> int:
+    """The sampling seed of rollout ``g`` of problem ``problem`` at update ``update``: from these only -- not from
+    the rank, the world size or the batch the rollout is generated in."""
+    return ((seed * 1_000_003 + update) * 1_000_033 + problem) * 1_000_037 + g
 
 
 def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,
                    temperature: float, top_p: float, seed: int, update: int, device) -> list[Rollout]:
-    """All rollouts of one update on this rank: ``group_size`` completions of each of ``problems``, in order.
+    """G completions of each of this rank's problems in ONE ``generate`` call, scored; problem-major order (rollouts
+    ``k*G .. k*G+G-1`` are those of ``problems[k]``).
 
-    ``indices[k]`` is the training-set index of ``problems[k]``: it seeds that problem's sampling
-    (``sampling_generator``) and is recorded in its rollouts, so the result depends on neither the rank nor the
-    number of ranks. The G rollouts of a problem are consecutive (rollouts ``k*G .. k*G+G-1`` are problem ``k``).
+    problems: this rank's problem objects; indices: their indices in the training set (they name the rollouts and
+    seed them, see ``rollout_seed``). device: where ``model`` lives (checked, so a mis-placed inference copy fails
+    here with a clear message instead of inside the first matmul).
     """
-    rollouts: list[Rollout] = []
-    for problem, i in zip(problems, indices, strict=True):
-        rollouts += rollout_group(model, task, problem, i, group_size=group_size, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p,
-                                  generator=sampling_generator(seed, update, i, device))
-    return rollouts
+    if len(problems) != len(indices):
+        raise ValueError(f"{len(problems)} problems but {len(indices)} indices; pass one training-set index per "
+                         f"problem")
+    param, want = next(model.parameters()), torch.device(device)
+    if param.device.type != want.type or want.index is not None and param.device.index != want.index:
+        raise ValueError(f"the rollout model is on {param.device}, not on {device}; move it there before rolling out")
+    prompts = [task.prompt(p) for p in problems]
+    rows = [(k, g) for k in range(len(problems)) for g in range(group_size)]
+    completions = generate(model, [prompts[k] for k, _ in rows], max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, stop_ids=task.stop_ids, pad_id=task.pad_id,
+                           seed=[rollout_seed(seed, update, indices[k], g) for k, g in rows])
+    return [
+        Rollout(indices[k], prompts[k], c.tokens, c.logprobs, c.finished, task.score(problems[k], prompts[k], c.tokens))
+        for (k, _), c in zip(rows, completions)
+    ]
+

@@ -10,10 +10,13 @@ under changing attention biases â€” 200 times per mask in the paper's setting â€
   (CoT, delimiter, answer) against that cache. Rollouts of one group share their prompt: it is computed once for
   the group and ``KVCache.select`` repeats it.
 - **The LM head runs only where the loss is** (``logits_at``): the positions that predict gold answer tokens.
-- **Sequences are batched.** Different prompts are left-padded into one prefix (their pad keys hidden with a large
-  negative bias, rotary positions shifted so every token keeps its true position), suffixes are right-padded (a
-  right pad key sits after every real query slot, so the causal mask already hides it). Padding changes no real
-  number: one sequence alone and the same sequence in a batch give the same loss.
+- **Sequences are batched.** Different prompts are left-padded into one prefix (their pad keys hidden with
+  ``llama.hidden_key_bias``, rotary positions shifted so every token keeps its true position), suffixes are
+  right-padded (a right pad key sits after every real query slot, so the causal mask already hides it). Padding
+  changes no real number: one sequence alone and the same sequence in a batch give the same loss.
+- **How many at once.** ``sequences_per_batch`` sizes a batch from the free GPU memory (an estimate of what one
+  optimisation step keeps alive per sequence); the masks of a whole training update, many groups, then share one
+  batch, and each distinct prompt is still computed once.
 
 Slot layout of sequence ``b`` with prompt length ``P_b`` in a batch with longest prompt ``P``: prompt token ``i``
 sits in cache slot ``P - P_b + i``; suffix token ``t`` (absolute position ``P_b + t``) is query ``t`` and key slot
@@ -28,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from atmanrl.model.generate import left_pad
-from atmanrl.model.llama import KVCache, Llama
+from atmanrl.model.generate import check_tokens, left_pad
+from atmanrl.model.llama import KVCache, Llama, hidden_key_bias
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,41 @@ class SaliencyInput:
         return len(self.tokens) - self.cot[0]
 
 
-def pad_bias_value(dtype: torch.dtype) -> float:
-    """A finite "hide this key" bias. Finite, not -inf: a left-pad query whose every key is hidden then gets a
-    uniform (harmless) softmax instead of NaN; exp of it underflows to exactly 0 next to any real key."""
-    return torch.finfo(dtype).min
+def bytes_per_sequence(model: Llama, inputs: Sequence[SaliencyInput]) -> int:
+    """Estimated memory one mask-optimisation step keeps alive per sequence of ``inputs`` (the longest one).
+
+    Per layer: the activations autograd saves for the backward through the suffix (about ``8 hidden + 2 kv_dim +
+    4 intermediate`` values per suffix token), the prefix keys/values copied for the step, their float32 copies when
+    a bf16 model attends in the mask's float32 (``llama`` module docstring), and one float32 ``heads x suffix x
+    keys`` attention matrix (the scores' gradient); plus float32 logits at every suffix position (generous: the LM
+    head runs only at answer positions). ``benchmarks/gpu.py`` prints it next to the measured peak.
+    """
+    c = model.config
+    e = model.embed_tokens.weight.element_size()
+    P = max(x.prompt_len for x in inputs)
+    T = max(len(x.tokens) - x.prompt_len for x in inputs)
+    K = P + T
+    kv = c.num_key_value_heads * c.head_dim
+    per_layer = (T * (8 * c.hidden_size + 2 * kv + 4 * c.intermediate_size) * e  # saved activations
+                 + 2 * K * kv * e  # this step's copy of the keys/values
+                 + (2 * K * kv + T * c.num_attention_heads * c.head_dim) * 4  # float32 q, k, v
+                 + c.num_attention_heads * T * K * 4)  # attention matrix / its gradient
+    return c.num_hidden_layers * per_layer + T * c.vocab_size * 4
+
+
+def sequences_per_batch(model: Llama, inputs: Sequence[SaliencyInput], memory_fraction: float = 0.8) -> int:
+    """How many of ``inputs`` one mask-optimisation batch holds: all of them off CUDA; on CUDA as many as fit in
+    ``memory_fraction`` of the free memory (the driver's free bytes plus what PyTorch's cache holds unused), at
+    ``bytes_per_sequence`` each. An estimate, not a guarantee: ``SaliencyConfig.max_batch`` overrides it.
+    """
+    if not inputs:
+        return 1
+    device = model.embed_tokens.weight.device
+    if device.type != "cuda":
+        return len(inputs)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(len(inputs), int(memory_fraction * free) // bytes_per_sequence(model, inputs)))
 
 
 class AnswerBatch:
@@ -114,6 +148,7 @@ class AnswerBatch:
                     f"input {i} has {x.n_cot} CoT and {x.n_answer} answer tokens; AnswerBatch needs both "
                     f"non-empty (saliency() reports such inputs as degenerate instead of batching them)"
                 )
+        check_tokens(model, [x.tokens for x in inputs], "saliency input")
         self.model = model
         self.inputs = list(inputs)
         param = model.embed_tokens.weight
@@ -132,21 +167,16 @@ class AnswerBatch:
         self.n_prompts = len(unique)
 
         # Key-side bias shared by every step: hide the left-pad slots of each sequence's prompt.
-        hide = pad_bias_value(self.dtype)
         slots = torch.arange(P + T, device=dev)
         pad_slots = slots[None, :] < (P - torch.tensor(prompt_lens, device=dev))[:, None]  # (B, P + T)
-        self.pad_bias = torch.zeros(B, 1, 1, P + T, device=dev, dtype=self.dtype).masked_fill(
-            pad_slots[:, None, None, :], hide
-        )
+        self.pad_bias = hidden_key_bias(pad_slots, self.dtype)  # (B, 1, 1, P + T)
 
         # The prefix, once, without autograd: keys/values of every unique prompt, left-padded to P.
         self.prefix_cache: KVCache | None = None
         if P > 0:
             prompts = list(unique)
             tokens, positions, key_pad = left_pad(prompts, 0, dev)  # (U, P) each
-            bias = torch.zeros(len(prompts), 1, 1, P, device=dev, dtype=self.dtype).masked_fill(
-                key_pad[:, None, None, :], hide
-            )
+            bias = hidden_key_bias(key_pad, self.dtype)
             self.prefix_cache = KVCache(model.config, len(prompts), P + T, device=dev, dtype=self.dtype)
             only_first = torch.zeros(len(prompts), 1, dtype=torch.long, device=dev)  # logits unused: we want the cache
             with torch.no_grad():

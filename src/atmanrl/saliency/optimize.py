@@ -13,8 +13,9 @@ betas (0.6, 0.9999), weight decay 0.05) minimises Eq. 2, the mean cross-entropy 
 teacher forcing, for 200 steps. Only the mask is trained: the model's parameters are set to
 ``requires_grad=False`` for the duration of the call (restored afterwards) and gradients are taken with
 ``torch.autograd.grad(loss, [p])``, so no weight gradient is computed or stored and ``.grad`` of the model is never
-touched. The inputs are optimised together in batches (``max_batch``) with the fast layout of
-``atmanrl.saliency.batch``; each sequence's loss depends only on its own mask and the batch loss is the *sum* of the
+touched. The inputs are optimised together in batches with the fast layout of ``atmanrl.saliency.batch``: as
+many as the free GPU memory allows (``max_batch=None``; all at once on a CPU) or ``max_batch`` at a time. Pass the
+masks of a whole training update in one call: every distinct prompt is computed once per batch; each sequence's loss depends only on its own mask and the batch loss is the *sum* of the
 per-sequence losses, so every mask gets exactly the gradient it would get alone (AdamW is elementwise).
 
 Degenerate inputs are defined results, never exceptions, and never affect the rest of the batch:
@@ -47,7 +48,7 @@ from typing import Literal
 import torch
 
 from atmanrl.model.llama import Llama
-from atmanrl.saliency.batch import AnswerBatch, SaliencyInput
+from atmanrl.saliency.batch import AnswerBatch, SaliencyInput, sequences_per_batch
 from atmanrl.saliency.mask import AtManMask
 from atmanrl.saliency.readout import REWARDS, column_means, normalised_mask, rewards, token_saliency
 
@@ -94,7 +95,7 @@ class SaliencyConfig:
     eps: float = 1e-8  # AdamW epsilon (PyTorch default); > 0
     reward: Literal["reenable", "eq3"] = "reenable"  # "reenable" (default) or "eq3" (literal Eq. 3), see readout
     saturation_loss: float = 0.01  # initial answer CE below this is reported as saturated; >= 0
-    max_batch: int | None = None  # sequences per optimisation batch; None: all inputs at once
+    max_batch: int | None = None  # sequences per optimisation batch; None: from free GPU memory (CPU: all at once)
     early_stop: EarlyStop | None = None  # None: the paper's fixed step count
     return_mask: bool = False  # keep each optimised Ĥ (rows x CoT) in the result
 
@@ -135,7 +136,7 @@ class SaliencyConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1) (the paper: [0.6, 0.9999])")
         if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1, or null for all inputs in one batch")
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1, or null to size batches from free GPU memory (all at once on a CPU)")
 
 
 @dataclass
@@ -182,7 +183,7 @@ def saliency(
             results[k] = _degenerate("no_answer")
         else:
             todo.append(k)
-    chunk = config.max_batch or max(len(todo), 1)
+    chunk = config.max_batch or sequences_per_batch(model, [inputs[k] for k in todo])
     with frozen(model):
         for start in range(0, len(todo), chunk):
             ids = todo[start: start + chunk]

@@ -64,7 +64,6 @@ def evaluate_toy(model, tokenizer, problems: list, *, k: int = 4, temperature: f
     """Greedy + ``k`` sampled completions per problem. Returns ``{"summary": {...}, "samples": [...]}``."""
     task = tw.ToyTask(tokenizer)
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
     prompts = [task.prompt(p) for p in problems]
     greedy, samples = [], []
     for s in range(0, len(problems), batch_size):
@@ -76,7 +75,8 @@ def evaluate_toy(model, tokenizer, problems: list, *, k: int = 4, temperature: f
     for s in range(0, len(problems), per):
         chunk = [p for p in prompts[s:s + per] for _ in range(k)]
         outs = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                        stop_ids=task.stop_ids, generator=generator, pad_id=task.pad_id)
+                        stop_ids=task.stop_ids, pad_id=task.pad_id,  # one seed per (problem, sample)
+                        seed=[(seed * 1_000_003 + s + j // k) * 1_000_033 + j % k for j in range(len(chunk))])
         for j, o in enumerate(outs):
             i = s + j // k
             samples.append({"problem": i, "sample": j % k, **describe(task, problems[i], o.tokens)})

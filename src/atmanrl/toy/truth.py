@@ -176,7 +176,7 @@ def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperatu
 
     task = tw.ToyTask(tokenizer)
     alter = number_alterations(tokenizer)
-    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    rng = random.Random(seed)
     items = []
     for s in range(0, len(problems), 64):
         chunk = problems[s:s + 64]
@@ -184,7 +184,8 @@ def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperatu
         if own:
             outs = [o.tokens for o in generate(model, prompts, max_new_tokens=max_new_tokens,
                                                temperature=temperature, stop_ids=task.stop_ids,
-                                               generator=generator, pad_id=task.pad_id)]
+                                               pad_id=task.pad_id,
+                                               seed=[seed * 1_000_003 + s + k for k in range(len(prompts))])]
         else:
             outs = [tokenizer.encode(tw.completion_text(tw.gold_cot(p, rng.choice(tw.STYLES), rng)[0], p.gold))
                     for p in chunk]
