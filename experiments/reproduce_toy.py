@@ -226,22 +226,22 @@ def run_truth(args, model, tokenizer) -> dict:
             ranked = sorted(((s["top1"] + s["auroc_answer"], name, kind) for name in [*candidates, *REOPEN]
                              for kind, s in info["scores"][name].items()), reverse=True)
             chosen = (ranked[0][1], ranked[0][2])
+            # the best mask-optimising candidate is reported too, so that the two kinds of option stand side by side
+            best_mask = next((n, k) for _, n, k in ranked if n in candidates)
             out["selection"] = {"setting": chosen[0], "readout": chosen[1], "criterion": "top1 + auroc_answer",
-                                "ranking": [[n, k, v] for v, n, k in ranked]}
+                                "best_mask_setting": list(best_mask), "ranking": [[n, k, v] for v, n, k in ranked]}
             log(f"saliency option selected on seed 0: {chosen[0]} with read-out {chosen[1]}")
-        elif chosen[0] in REOPEN:
-            info["scores"].update(truth.study_reopen(model, items, {chosen[0]: REOPEN[chosen[0]]}))
         else:
-            info["scores"].update(truth.study(model, items, {chosen[0]: candidates[chosen[0]]}, [chosen[1]]))
+            info["scores"].update(truth.study(model, items, {best_mask[0]: candidates[best_mask[0]]},
+                                              [best_mask[1]]))
+            if chosen[0] in REOPEN:
+                info["scores"].update(truth.study_reopen(model, items, {chosen[0]: REOPEN[chosen[0]]}))
         out["per_seed"][str(seed)] = info
         log(f"truth seed {seed}: {len(items)} CoTs; " + "; ".join(
             f"{n}/{k}: AUROC {s['auroc_answer']:.2f} top-1 {s['top1']:.2f} sat {s['saturated_share']:.2f}"
             for n, d in info["scores"].items() for k, s in d.items()))
     reported = [s for s in range(1, args.seeds)] or [0]
-    rows = {("paper", "all_rows"), ("compressed20", "all_rows"), ("paper", "gradient"), chosen}
-    # the best setting of the mask-optimising candidates too, so that the report keeps them side by side
-    best_mask = next((n, k) for _, n, k in ranked if n in candidates)
-    rows.add(best_mask)
+    rows = {("paper", "all_rows"), ("compressed20", "all_rows"), ("paper", "gradient"), chosen, best_mask}
     out["reported"] = {f"{n}/{k}": {m: stats([out["per_seed"][str(s)]["scores"][n][k][m] for s in reported])
                                     for m in ("auroc_answer", "top1", "auroc_step_vs_padding", "saturated_share")}
                        for n, k in sorted(rows)}
