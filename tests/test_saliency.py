@@ -373,7 +373,8 @@ def test_reopen_one_equals_explicit_biases_and_is_the_same_batched():
     model = tiny(seed=23)
     inputs = random_batch(29)  # different prompt / CoT / answer lengths in one batch
     got = reopen_one(model, inputs, init=-0.7, scale=10.0)
-    assert sum(r.suppressed_loss > r.unmasked_loss for r in got) >= 2  # both branches of the definition are met
+    assert any(r.suppressed_loss < r.unmasked_loss for r in got)  # both branches of the definition are met ...
+    assert any(r.reward > 0 and r.restored.min() < 0 and r.restored.max() > 1 for r in got)  # ... and the clipping
     for x, r in zip(inputs, got):
         n, (c0, c1) = len(x.tokens), x.cot
 
@@ -387,13 +388,13 @@ def test_reopen_one_equals_explicit_biases_and_is_the_same_batched():
         none, everything = loss(range(c0, c1)), loss()
         assert r.unmasked_loss == pytest.approx(none, abs=1e-9)
         assert r.suppressed_loss == pytest.approx(everything, abs=1e-9)
-        if everything - none > 1e-6:
+        if everything - none >= 0.01:
             want = torch.tensor([(everything - loss([c0 + j])) / (everything - none) for j in range(x.n_cot)],
                                 dtype=torch.float64)
         else:  # suppressing the CoT does not hurt the answer (input 0 of this batch): nothing to restore
             want = torch.zeros(x.n_cot, dtype=torch.float64)
         torch.testing.assert_close(r.restored.double(), want, atol=1e-5, rtol=0)  # restored is float32
-        assert r.reward == pytest.approx(want.mean().item(), abs=1e-5)
+        assert r.reward == pytest.approx(want.clamp(0, 1).mean().item(), abs=1e-5)
         (alone,) = reopen_one(model, [x], init=-0.7)
         torch.testing.assert_close(alone.restored, r.restored, atol=1e-6, rtol=0)
 

@@ -18,11 +18,14 @@ answer loss that re-opening it restores:
     restored[v] = (CE_all - CE_v) / (CE_all - CE_none)
 
 with ``CE_all`` the answer CE with every CoT column suppressed, ``CE_v`` the same with column ``v`` open, and
-``CE_none`` without suppression (0 for every token when ``CE_all - CE_none <= 1e-6``: suppressing the CoT does
-not hurt the answer, so there is nothing to restore). It asks what the mask optimisation asks -- which tokens must be re-enabled to restore the answer --
-without Adam's per-entry step normalisation and without Eq. 3's average over rows that never read the token: a
-token the answer is copied from restores most of the loss on its own. Its rollout reward is the mean of
-``restored`` over CoT tokens (high when few tokens carry the answer). One forward per CoT column for a whole batch
+``CE_none`` without suppression. When ``CE_all - CE_none < min_span`` (0.01 nats) suppressing the CoT does not hurt
+the answer enough to say which token restores it, and every token gets 0. It asks what the mask optimisation asks
+-- which tokens must be re-enabled to restore the answer -- without Adam's per-entry step normalisation and without
+Eq. 3's average over rows that never read the token: a token the answer is copied from restores most of the loss on
+its own. ``restored`` can be negative (re-opening that token alone made the answer less likely) and, for a small
+``CE_all - CE_none``, far below -1; the ranking keeps it, but the rollout reward counts only what is restored: the
+mean over CoT tokens of ``restored`` clipped to [0, 1] (high when few tokens carry the whole answer).
+One forward per CoT column for a whole batch
 of inputs, no gradients.
 """
 
@@ -77,16 +80,18 @@ class ReopenOne:
 
     @property
     def reward(self) -> float:
-        """Mean of ``restored`` over CoT tokens: the rollout reward of this read-out."""
-        return self.restored.double().mean().item()
+        """The rollout reward of this read-out: the mean over CoT tokens of ``restored`` clipped to [0, 1]."""
+        return self.restored.double().clamp(0.0, 1.0).mean().item()
 
 
-def reopen_one(model: Llama, inputs: Sequence[SaliencyInput], init: float = -3.0,
-               scale: float = 10.0) -> list[ReopenOne]:
+def reopen_one(model: Llama, inputs: Sequence[SaliencyInput], init: float = -5.0, scale: float = 10.0,
+               min_span: float = 0.01) -> list[ReopenOne]:
     """Re-open one CoT token at a time from full suppression (ours, beyond the paper; module docstring).
 
     ``init`` / ``scale``: the suppression ``scale * init`` on every causal entry of a CoT column, as the AtMan mask
-    at its initialisation (the paper's -0.4 / 10 gives -4; the default -3 gives -30, i.e. the CoT is hidden).
+    at its initialisation (the paper's -0.4 / 10 gives -4, which leaves the CoT partly visible; the default -5,
+    selected against the toy world's planted truth, gives -50, i.e. the CoT is hidden). ``min_span``: see the
+    module docstring.
     """
     for i, x in enumerate(inputs):
         if x.n_cot == 0 or x.n_answer == 0:
@@ -113,6 +118,6 @@ def reopen_one(model: Llama, inputs: Sequence[SaliencyInput], init: float = -3.0
     out = []
     for b, x in enumerate(inputs):
         span = everything[b] - none[b]
-        restored = (everything[b] - reopened[b, : x.n_cot]) / span if span > 1e-6 else torch.zeros(x.n_cot)
+        restored = (everything[b] - reopened[b, : x.n_cot]) / span if span >= min_span else torch.zeros(x.n_cot)
         out.append(ReopenOne(restored.float(), float(everything[b]), float(none[b])))
     return out
