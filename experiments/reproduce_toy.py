@@ -179,7 +179,7 @@ def plot_arms(runs: dict, out: Path) -> Path:
 def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig | float, seed: int) -> dict:
     """The training signal of a mask setting: the rollout reward (``reenable``) of each problem's dense gold CoT
     vs the same steps padded with filler, and with distractors. A float ``cfg`` is a ``reopen`` init: its reward is
-    ``ReopenOne.reward`` (the mean share of the answer loss restored per CoT token)."""
+    ``ReopenOne.reward`` (the mean over CoT tokens of the share of the answer loss restored, clipped to [0, 1])."""
     task, rng = tw.ToyTask(tokenizer), random.Random(f"gap/{seed}")
     inputs, kinds = [], []
     for p in problems:
@@ -371,8 +371,8 @@ def write_report(args, results: dict) -> str:
         lines.append(f"| {name} | {_ms(s['auroc_answer'], 3)} | {_ms(s['top1'], 3)} | "
                      f"{_ms(s['auroc_step_vs_padding'], 3)} | {_ms(s['saturated_share'], 2)} |")
     lines += ["", "Training signal of each setting: rollout reward (`reenable`; for a `reopen-one` setting the mean "
-              "share of the answer loss restored per CoT token) of the dense gold CoT vs the same steps padded with "
-              "filler or distractors (held-out problems).", "",
+              "over CoT tokens of the share of the answer loss restored, clipped to [0, 1]) of the dense gold CoT "
+              "vs the same steps padded with filler or distractors (held-out problems).", "",
               "| setting | dense | filler | distractor | gap dense - padded | dense above padded |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, g in tr["reward_gap"].items():
