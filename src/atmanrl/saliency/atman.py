@@ -24,9 +24,9 @@ the answer enough to say which token restores it, and every token gets 0. It ask
 Eq. 3's average over rows that never read the token: a token the answer is copied from restores most of the loss on
 its own. ``restored`` can be negative (re-opening that token alone made the answer less likely) and, for a small
 ``CE_all - CE_none``, far below -1; the ranking keeps it, but the rollout reward counts only what is restored: the
-mean over CoT tokens of ``restored`` clipped to [0, 1] (high when few tokens carry the whole answer).
-One forward per CoT column for a whole batch
-of inputs, no gradients.
+mean over CoT tokens of ``restored`` clipped to [0, 1] (high when few tokens carry the whole answer). One forward
+per CoT column for the whole batch of inputs (as many columns as the longest CoT), no gradients; a caller with more
+inputs than fit in memory at once passes them in chunks.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def reopen_one(model: Llama, inputs: Sequence[SaliencyInput], init: float = -5.0
     with torch.no_grad():
         batch = AnswerBatch(model, inputs)
         mask = AtManMask([x.n_cot for x in inputs], [x.mask_rows for x in inputs], init, scale,
-                         device=batch.device, dtype=batch.dtype)
+                         device=batch.device, dtype=torch.promote_types(batch.dtype, torch.float32))
 
         def losses(p: torch.Tensor) -> torch.Tensor:
             mask.p.copy_(p)
