@@ -8,7 +8,8 @@
 3. held-out evaluation of the warm start and of every trained policy (``atmanrl.toy.evaluate``): the Table 1 block
    plus filler / distractor shares and needed-step coverage;
 4. saliency against planted truth (``atmanrl.toy.truth``) on the warm start's own correct CoTs: the paper's
-   setting, ``SaliencyConfig.compressed(20)`` and candidate options beyond the paper; the option is SELECTED on
+   setting, ``SaliencyConfig.compressed(20)`` and candidate options beyond the paper (stronger mask inits, other
+   read-outs of the mask, and ``reopen_one``, which re-opens one token at a time); the option is SELECTED on
    the first seed's CoTs and REPORTED on the other seeds' CoTs; plus each setting's reward gap between dense and
    padded gold CoTs (the training signal);
 5. ``report.md``, ``results.json`` (every number, per arm and seed) and the PNGs into ``--out``.
@@ -39,6 +40,7 @@ from atmanrl.data import toyworld as tw  # noqa: E402
 from atmanrl.model import load  # noqa: E402
 from atmanrl.rl.trainer import train  # noqa: E402
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency  # noqa: E402
+from atmanrl.saliency.atman import reopen_one  # noqa: E402
 from atmanrl.toy import truth  # noqa: E402
 from atmanrl.toy.evaluate import evaluate_toy  # noqa: E402
 from atmanrl.toy.sft import SFTSettings, sft_model_dir  # noqa: E402
@@ -65,6 +67,11 @@ def mask_settings(smoke: bool = False) -> tuple[dict, dict]:
         base = {k: dataclasses.replace(v, steps=2) for k, v in base.items()}
         candidates = {k: dataclasses.replace(v, steps=2) for k, v in candidates.items()}
     return base, candidates
+
+
+# Candidates of the "reopen" read-out (``atmanrl.saliency.atman.reopen_one``, beyond the paper): no optimisation,
+# the suppression init of the CoT columns (bias 10 x init) from which one token at a time is re-opened.
+REOPEN = {"reopen-one_init-1": -1.0, "reopen-one_init-3": -3.0, "reopen-one_init-5": -5.0}
 
 
 def log(msg: str) -> None:
@@ -169,9 +176,10 @@ def plot_arms(runs: dict, out: Path) -> Path:
     return out
 
 
-def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig, seed: int) -> dict:
+def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig | float, seed: int) -> dict:
     """The training signal of a mask setting: the rollout reward (``reenable``) of each problem's dense gold CoT
-    vs the same steps padded with filler, and with distractors."""
+    vs the same steps padded with filler, and with distractors. A float ``cfg`` is a ``reopen`` init: its reward is
+    ``ReopenOne.reward`` (the mean over CoT tokens of the share of the answer loss restored, clipped to [0, 1])."""
     task, rng = tw.ToyTask(tokenizer), random.Random(f"gap/{seed}")
     inputs, kinds = [], []
     for p in problems:
@@ -180,8 +188,11 @@ def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig, seed: int) -> di
             inputs.append(SaliencyInput.from_parts(task.prompt(p), tokenizer.encode(" ".join(words)),
                                                    [task.delim_id], tokenizer.encode(p.gold)))
             kinds.append(style)
-    res = saliency(model, inputs, cfg)
-    r = {s: [x.reward_reenable for x, k in zip(res, kinds) if k == s] for s in tw.STYLES}
+    if isinstance(cfg, float):
+        values = [x.reward for x in reopen_one(model, inputs, init=cfg)]
+    else:
+        values = [x.reward_reenable for x in saliency(model, inputs, cfg)]
+    r = {s: [x for x, k in zip(values, kinds) if k == s] for s in tw.STYLES}
     padded = [(a + b) / 2 for a, b in zip(r["filler"], r["distractor"])]
     return {"dense": statistics.fmean(r["dense"]), "filler": statistics.fmean(r["filler"]),
             "distractor": statistics.fmean(r["distractor"]),
@@ -208,29 +219,39 @@ def run_truth(args, model, tokenizer) -> dict:
             settings.update(candidates)
         t0 = time.perf_counter()
         info["scores"] = truth.study(model, items, settings)
+        if seed == 0:
+            info["scores"].update(truth.study_reopen(model, items, REOPEN))
         info["seconds"] = time.perf_counter() - t0
         if seed == 0:  # selection: the candidate (setting x read-out) with the best top-1 + AUROC on this seed
-            ranked = sorted(((s["top1"] + s["auroc_answer"], name, kind) for name in candidates
+            ranked = sorted(((s["top1"] + s["auroc_answer"], name, kind) for name in [*candidates, *REOPEN]
                              for kind, s in info["scores"][name].items()), reverse=True)
             chosen = (ranked[0][1], ranked[0][2])
+            # the best mask-optimising candidate is reported too, so that the two kinds of option stand side by side
+            best_mask = next((n, k) for _, n, k in ranked if n in candidates)
             out["selection"] = {"setting": chosen[0], "readout": chosen[1], "criterion": "top1 + auroc_answer",
-                                "ranking": [[n, k, v] for v, n, k in ranked]}
+                                "best_mask_setting": list(best_mask), "ranking": [[n, k, v] for v, n, k in ranked]}
             log(f"saliency option selected on seed 0: {chosen[0]} with read-out {chosen[1]}")
         else:
-            info["scores"].update(truth.study(model, items, {chosen[0]: candidates[chosen[0]]}, [chosen[1]]))
+            info["scores"].update(truth.study(model, items, {best_mask[0]: candidates[best_mask[0]]},
+                                              [best_mask[1]]))
+            if chosen[0] in REOPEN:
+                info["scores"].update(truth.study_reopen(model, items, {chosen[0]: REOPEN[chosen[0]]}))
         out["per_seed"][str(seed)] = info
         log(f"truth seed {seed}: {len(items)} CoTs; " + "; ".join(
             f"{n}/{k}: AUROC {s['auroc_answer']:.2f} top-1 {s['top1']:.2f} sat {s['saturated_share']:.2f}"
             for n, d in info["scores"].items() for k, s in d.items()))
     reported = [s for s in range(1, args.seeds)] or [0]
-    rows = {("paper", "all_rows"), ("compressed20", "all_rows"), ("paper", "gradient"), chosen}
+    rows = {("paper", "all_rows"), ("compressed20", "all_rows"), ("paper", "gradient"), chosen, best_mask}
     out["reported"] = {f"{n}/{k}": {m: stats([out["per_seed"][str(s)]["scores"][n][k][m] for s in reported])
                                     for m in ("auroc_answer", "top1", "auroc_step_vs_padding", "saturated_share")}
                        for n, k in sorted(rows)}
     out["reported_on_seeds"] = reported
     gap_problems = tw.make_problems(args.gap_problems, 7, "test")
+    gap_settings = {**base, best_mask[0]: candidates[best_mask[0]]}
+    if chosen[0] in REOPEN:
+        gap_settings[chosen[0]] = REOPEN[chosen[0]]
     out["reward_gap"] = {name: reward_gap(model, tokenizer, gap_problems, cfg, 0)
-                         for name, cfg in {**base, chosen[0]: candidates[chosen[0]]}.items()}
+                         for name, cfg in gap_settings.items()}
     return out
 
 
@@ -349,8 +370,9 @@ def write_report(args, results: dict) -> str:
     for name, s in tr["reported"].items():
         lines.append(f"| {name} | {_ms(s['auroc_answer'], 3)} | {_ms(s['top1'], 3)} | "
                      f"{_ms(s['auroc_step_vs_padding'], 3)} | {_ms(s['saturated_share'], 2)} |")
-    lines += ["", "Training signal of each setting: rollout reward (`reenable`) of the dense gold CoT vs the same "
-              "steps padded with filler or distractors (held-out problems).", "",
+    lines += ["", "Training signal of each setting: rollout reward (`reenable`; for a `reopen-one` setting the mean "
+              "over CoT tokens of the share of the answer loss restored, clipped to [0, 1]) of the dense gold CoT "
+              "vs the same steps padded with filler or distractors (held-out problems).", "",
               "| setting | dense | filler | distractor | gap dense - padded | dense above padded |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, g in tr["reward_gap"].items():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from atmanrl.model.llama import Llama, LlamaConfig
 from atmanrl.saliency import AnswerBatch, AtManMask, EarlyStop, SaliencyConfig, SaliencyInput, saliency
-from atmanrl.saliency.atman import atman_explanation
+from atmanrl.saliency.atman import atman_explanation, reopen_one
 from atmanrl.saliency.batch import sequences_per_batch
 from atmanrl.saliency.optimize import spearman
 from atmanrl.saliency.readout import column_means, normalised_mask, rewards, token_saliency
@@ -397,6 +397,57 @@ def test_atman_delta_equals_explicit_single_column_suppression():
         bias[v:, v] = -3.0
         want = reference_answer_loss(model, x, bias).item() - base
         assert explanation.delta_loss[j].item() == pytest.approx(want, abs=1e-6)  # the deltas are float32
+
+
+def test_reopen_one_equals_explicit_biases_and_is_the_same_batched():
+    model = tiny(seed=23)
+    inputs = random_batch(29)  # different prompt / CoT / answer lengths in one batch
+    got = reopen_one(model, inputs, init=-0.7, scale=10.0)
+    assert any(r.suppressed_loss < r.unmasked_loss for r in got)  # both branches of the definition are met ...
+    assert any(r.reward > 0 and r.restored.min() < 0 and r.restored.max() > 1 for r in got)  # ... and the clipping
+    for x, r in zip(inputs, got):
+        n, (c0, c1) = len(x.tokens), x.cot
+
+        def loss(open_columns=()):
+            bias = torch.zeros(n, n, dtype=torch.float64)
+            for v in range(c0, c1):
+                if v not in open_columns:
+                    bias[v:, v] = -7.0  # 10 x -0.7 on every causal row of a suppressed CoT column
+            return reference_answer_loss(model, x, bias).item()
+
+        none, everything = loss(range(c0, c1)), loss()
+        assert r.unmasked_loss == pytest.approx(none, abs=1e-9)
+        assert r.suppressed_loss == pytest.approx(everything, abs=1e-9)
+        if everything - none >= 0.01:
+            want = torch.tensor([(everything - loss([c0 + j])) / (everything - none) for j in range(x.n_cot)],
+                                dtype=torch.float64)
+        else:  # suppressing the CoT does not hurt the answer (input 0 of this batch): nothing to restore
+            want = torch.zeros(x.n_cot, dtype=torch.float64)
+        torch.testing.assert_close(r.restored.double(), want, atol=1e-5, rtol=0)  # restored is float32
+        assert r.reward == pytest.approx(want.clamp(0, 1).mean().item(), abs=1e-5)
+        (alone,) = reopen_one(model, [x], init=-0.7)
+        torch.testing.assert_close(alone.restored, r.restored, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_reopen_one_finds_the_planted_route_token(seed):
+    model = planted_model()
+    g = torch.Generator().manual_seed(seed)
+    filler = torch.randint(4, 16, (10,), generator=g).tolist()
+    where = int(torch.randint(0, 10, (1,), generator=g))
+    x = SaliencyInput.from_parts(torch.randint(4, 16, (3,), generator=g).tolist(),
+                                 filler[:where] + [KEY] + filler[where:], [DELIM], [ANSWER])
+    (r,) = reopen_one(model, [x])
+    assert r.suppressed_loss > r.unmasked_loss
+    assert int(r.restored.argmax()) == where and r.restored[where] > 0.5  # KEY alone restores most of the loss
+    others = torch.cat([r.restored[:where], r.restored[where + 1:]])
+    assert torch.all(others <= 0)  # re-opening any other token only dilutes the attention paid to KEY
+
+
+def test_reopen_one_refuses_an_empty_cot():
+    x = SaliencyInput.from_parts([1, 2], [], [DELIM], [ANSWER])
+    with pytest.raises(ValueError, match="input 0 has 0 CoT"):
+        reopen_one(planted_model(), [x])
 
 
 # ---------------------------------------------------------------------------------------------------------------

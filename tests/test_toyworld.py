@@ -185,7 +185,7 @@ def test_reproduction_pipeline_smoke(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "toy"
-    assert reproduce_toy.main(["--smoke", "--out", str(out), "--seeds", "1", "--updates", "2", "--heldout", "4",
+    assert reproduce_toy.main(["--smoke", "--out", str(out), "--seeds", "2", "--updates", "2", "--heldout", "4",
                                "--k", "2", "--truth-problems", "6", "--truth-cots", "3", "--gap-problems", "2"]) == 0
     for name in ("report.md", "results.json", "figure2.png"):
         assert (out / name).is_file(), name
@@ -197,6 +197,11 @@ def test_reproduction_pipeline_smoke(tmp_path):
         assert all(math.isfinite(v) for v in run["heldout"].values())
     assert all(math.isfinite(v) for g in results["truth"]["reward_gap"].values() for v in g.values())
     assert results["truth"]["per_seed"]["0"]["cots"] == 3
+    # the option is selected on CoT set 0 and reported on set 1, beside the best mask-optimising candidate
+    truth, sel = results["truth"], results["truth"]["selection"]
+    assert truth["reported_on_seeds"] == [1]
+    assert {f"{sel['setting']}/{sel['readout']}", "/".join(sel["best_mask_setting"])} <= set(truth["reported"])
+    assert {n for n, _, _ in sel["ranking"]} >= set(reproduce_toy.REOPEN)
     report = (out / "report.md").read_text()
     assert "## Saliency against planted truth" in report and "| atmanrl |" in report
 

@@ -4,7 +4,8 @@
 - ``mask``: the learnable AtMan mask over CoT key columns (Eq. 1's H^AtMan).
 - ``optimize``: Eq. 2, the mask optimisation loop, and the API ``saliency(model, inputs, config)``.
 - ``readout``: Eq. 3, the normalised mask, per-token saliency and both reward orientations.
-- ``atman``: the original ATMAN explanation (one CoT token suppressed at a time) for comparison.
+- ``atman``: the original ATMAN explanation (one CoT token suppressed at a time) for comparison, and its converse
+  ``reopen_one`` (every CoT token suppressed, one re-opened at a time; ours, beyond the paper).
 - ``render``: terminal colours and a self-contained HTML heat map.
 """
 

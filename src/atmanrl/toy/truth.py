@@ -19,6 +19,10 @@
   each column. Adam normalises every entry's step to about ``lr`` whatever its gradient, so the mask itself keeps
   only the *sign* of the evidence; the summed gradient keeps its size (how much re-opening that token lowers the
   answer loss), which is what ranks the one token the answer is read from above the rest.
+- ``reopen`` (``study_reopen``; ours): no optimised mask at all. Every CoT column is suppressed as at the mask's
+  initialisation and one token at a time is re-opened alone (``atmanrl.saliency.atman.reopen_one``); its saliency
+  is the share of the answer loss that this restores. It asks the mask's question without Adam's step
+  normalisation and without averaging over rows that never read the token.
 """
 
 from __future__ import annotations
@@ -103,13 +107,22 @@ def readout(result, x: SaliencyInput, kind: str, evidence: torch.Tensor | None =
 
 def score_maps(items: list[LabelledCoT], results: list, kind: str, evidence: list | None = None) -> dict:
     """AUROC / top-1 / step AUROC / saturation of one setting and read-out over ``items`` (see module docstring)."""
-    au, top, au_step, sat, rewards = [], [], [], [], []
+    maps, saturated, rewards = [], [], []
     for b, (item, res) in enumerate(zip(items, results)):
-        sat.append(bool(res.saturated))
-        if not res.ok:
+        saturated.append(bool(res.saturated))
+        ok = res.ok
+        maps.append(readout(res, item.input, kind, evidence[b] if evidence is not None else None) if ok else None)
+        rewards.append(res.reward_reenable if ok else None)
+    return _scores(items, maps, saturated, rewards)
+
+
+def _scores(items: list[LabelledCoT], maps: list, saturated: list[bool], rewards: list) -> dict:
+    """The scores of per-token saliency ``maps`` (None: no map for that CoT) against the planted truth."""
+    au, top, au_step = [], [], []
+    for item, s in zip(items, maps):
+        if s is None:
             continue
-        s = readout(res, item.input, kind, evidence[b] if evidence is not None else None).tolist()
-        rewards.append(res.reward_reenable)
+        s = s.tolist()
         if any(item.carrying):
             top.append(item.carrying[max(range(len(s)), key=s.__getitem__)])
             au.append(auroc(s, item.carrying))
@@ -117,12 +130,12 @@ def score_maps(items: list[LabelledCoT], results: list, kind: str, evidence: lis
         au_step.append(auroc([s[i] for i in keep], [item.grammar[i] == "step" for i in keep]))
 
     def mean(xs):
-        xs = [x for x in xs if not math.isnan(x)]
+        xs = [x for x in xs if x is not None and not math.isnan(x)]
         return sum(xs) / len(xs) if xs else math.nan
 
     return {"auroc_answer": mean(au), "top1": mean([float(t) for t in top]), "top1_hits": int(sum(top)),
             "cots_with_answer_token": len(top), "auroc_step_vs_padding": mean(au_step),
-            "saturated_share": mean([float(x) for x in sat]), "mean_reward_reenable": mean(rewards),
+            "saturated_share": mean([float(x) for x in saturated]), "mean_reward_reenable": mean(rewards),
             "cots": len(items)}
 
 
@@ -144,6 +157,22 @@ def study(model, items: list[LabelledCoT], settings: dict[str, SaliencyConfig],
         evidence = [total[0][b, : it.input.mask_rows, : it.input.n_cot].cpu() for b, it in enumerate(items)] \
             if total else None
         out[name] = {kind: score_maps(items, results, kind, evidence) for kind in readouts}
+    return out
+
+
+def study_reopen(model, items: list[LabelledCoT], inits: dict[str, float], scale: float = 10.0,
+                 saturation_loss: float = SaliencyConfig.saturation_loss) -> dict:
+    """``{name: {"reopen": scores}}`` of ``atmanrl.saliency.atman.reopen_one`` at each named suppression ``init``
+    (saturated: the answer CE with the whole CoT suppressed is below ``saturation_loss``; reward: the mean share
+    restored)."""
+    from atmanrl.saliency.atman import reopen_one
+
+    out = {}
+    for name, init in inits.items():
+        res = reopen_one(model, [it.input for it in items], init=init, scale=scale)
+        out[name] = {"reopen": _scores(items, [r.restored for r in res],
+                                       [r.suppressed_loss < saturation_loss for r in res],
+                                       [r.reward for r in res])}
     return out
 
 
