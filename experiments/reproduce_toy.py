@@ -45,7 +45,10 @@ from atmanrl.toy import truth  # noqa: E402
 from atmanrl.toy.evaluate import evaluate_toy  # noqa: E402
 from atmanrl.toy.sft import SFTSettings, sft_model_dir  # noqa: E402
 
-ARMS = ("baseline", "atmanrl", "eq3")
+# The paper's arms (saliency weight 0 / 1, both orientations of Eq. 3), then the same two saliency arms at weight 10:
+# the appendix A.1 balance between saliency and outcome reward, added after weight 1 did not separate from the
+# baseline in this world (docs/toyworld.md says why).
+ARMS = ("baseline", "atmanrl", "eq3", "atmanrl_w10", "eq3_w10")
 # Held-out numbers reported per arm: (key, column header, decimals). The first seven are Table 1's block.
 COLUMNS = [
     ("pass_at_1_greedy", "pass@1 greedy %", 1), ("pass_at_k", "pass@4 %", 1), ("accuracy", "sampled acc. %", 1),
@@ -280,20 +283,21 @@ def _ms(s: dict, d: int = 1) -> str:
 
 
 def checks(agg: dict) -> list[tuple[str, bool, str]]:
-    """The issue's "what must hold", evaluated on the numbers (AtManRL vs baseline)."""
-    if "atmanrl" not in agg or "baseline" not in agg:
-        return []
-    a, b = agg["atmanrl"], agg["baseline"]
+    """The issue's "what must hold", evaluated on the numbers: each AtManRL arm (``reenable``) vs the baseline."""
     out = []
-    for key, name in (("padding_pct", "filler+distractor share"), ("avg_cot_tokens", "mean CoT tokens")):
-        diff = b[key]["mean"] - a[key]["mean"]
-        spread = max(a[key]["std"], b[key]["std"])
-        out.append((f"{name} lower by more than the seed spread", diff > spread,
-                    f"baseline {_ms(b[key])} vs AtManRL {_ms(a[key])}: lower by {diff:.1f}, spread {spread:.1f}"))
-    for key, name in (("pass_at_1_greedy", "pass@1 greedy"), ("pass_at_k", "pass@4")):
-        diff = a[key]["mean"] - b[key]["mean"]
-        out.append((f"{name} within 2 points of the baseline", abs(diff) <= 2 or diff > 0,
-                    f"baseline {_ms(b[key])} vs AtManRL {_ms(a[key])}: {diff:+.1f} points"))
+    for arm in ("atmanrl", "atmanrl_w10"):
+        if arm not in agg or "baseline" not in agg:
+            continue
+        a, b = agg[arm], agg["baseline"]
+        for key, name in (("padding_pct", "filler+distractor share"), ("avg_cot_tokens", "mean CoT tokens")):
+            diff = b[key]["mean"] - a[key]["mean"]
+            spread = max(a[key]["std"], b[key]["std"])
+            out.append((f"{arm}: {name} lower by more than the seed spread", diff > spread,
+                        f"baseline {_ms(b[key])} vs {arm} {_ms(a[key])}: lower by {diff:.1f}, spread {spread:.1f}"))
+        for key, name in (("pass_at_1_greedy", "pass@1 greedy"), ("pass_at_k", "pass@4")):
+            diff = a[key]["mean"] - b[key]["mean"]
+            out.append((f"{arm}: {name} within 2 points of the baseline", abs(diff) <= 2 or diff > 0,
+                        f"baseline {_ms(b[key])} vs {arm} {_ms(a[key])}: {diff:+.1f} points"))
     return out
 
 
@@ -338,7 +342,7 @@ def write_report(args, results: dict) -> str:
     for name, r in results["runs"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r['heldout'][k]:.{d}f}" for k, _, d in COLUMNS)
                      + f" | {r['seconds'] / 60:.1f} |")
-    lines += ["", "### What must hold (AtManRL vs baseline)", ""]
+    lines += ["", "### What must hold (each AtManRL arm vs baseline)", ""]
     for name, ok, detail in results["checks"]:
         lines.append(f"- {'holds' if ok else 'does NOT hold'}: {name} ({detail})")
     lines += ["", "Figure 2: `figure2_rollouts.png` (training rollouts, sampled: mean and min-max of the seeds per "

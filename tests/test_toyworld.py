@@ -170,6 +170,10 @@ def test_toy_arm_configs_differ_only_in_the_saliency_reward():
     for cfg in arms.values():
         cfg["saliency"] = cfg["out_dir"] = None
     assert arms["baseline"] == arms["atmanrl"] == arms["eq3"]
+    for arm in ("atmanrl", "eq3"):  # the weight-10 arms differ from their weight-1 arm only in the weight
+        w1, w10 = (to_dict(load_config(configs / f"toy_{name}.yaml")) for name in (arm, f"{arm}_w10"))
+        assert w10["saliency"].pop("weight") == 10 and w1["saliency"].pop("weight") == 1
+        assert {**w1, "out_dir": None} == {**w10, "out_dir": None}
     default = load_config(configs / "cpu_default.yaml")  # the README's main job: the toy AtManRL arm
     assert default.data.task == "toyworld" and default.model.name_or_path == "toyworld-sft"
     assert default.saliency.weight == 1.0
