@@ -22,7 +22,12 @@ sys.path.insert(0, str(HERE))  # plot_run.py sits next to this file
 
 from atmanrl import dist  # noqa: E402
 from atmanrl.config import ConfigError, load_config  # noqa: E402
+from atmanrl.rl.checkpointing import CorruptCheckpointError, NonFiniteError  # noqa: E402
+from atmanrl.rl.rundir import RunDirError  # noqa: E402
 from atmanrl.rl.trainer import train  # noqa: E402
+
+# Errors whose message already says what was wrong and what to do: printed as a sentence, not a traceback.
+USER_ERRORS = (ConfigError, RunDirError, NonFiniteError, CorruptCheckpointError, FileNotFoundError)
 
 
 def main(argv=None) -> int:
@@ -35,7 +40,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         parser.error(str(e))
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except USER_ERRORS as e:
+        print(f"run_gsm8k.py: error: {e}", file=sys.stderr)
+        dist.shutdown()
+        return 2
     d = dist.info()
     if d.is_main and result.metrics:
         n = len(result.metrics)

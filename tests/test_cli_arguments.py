@@ -159,3 +159,20 @@ def test_eval_saliency_schedule_flags(capsys, no_model, tmp_path):
     with pytest.raises(SystemExit):
         eval_script.parse_args(["--saliency-init", "0"])
     assert "must be negative, got 0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.task=gsm9k"], "unknown task 'gsm9k'; valid tasks are: gsm8k, toyworld"),
+    ([], "holds an earlier run"),
+])
+def test_train_script_states_run_errors_without_a_traceback(overrides, message, tmp_path, capsys, no_model):
+    """run_gsm8k.py: an unknown task, or an out_dir that holds an earlier run, ends with exit code 2 and the
+    sentence (not a traceback), before a model is loaded."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}\n")
+    (out / "metrics.jsonl").write_text('{"update": 1}\n')  # an earlier run's history
+    code = script("run_gsm8k").main([f"out_dir={out}", *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"update": 1}\n'  # nothing of the earlier run was touched
