@@ -78,6 +78,18 @@ def test_stop_token_included_and_finished(tiny):
         assert c.finished or len(c.tokens) == 30
 
 
+def test_on_step_counts_every_decode_step_and_token(tiny):
+    """Progress hook: one call per decode step, with the number of tokens that step produced (rows still running,
+    finished rows dropped or not), so the calls add up to the completions' lengths."""
+    stop = list(range(0, 101, 4))
+    calls = []
+    out = generate(tiny, random_prompts([4, 7, 5, 9, 6], 101, seed=3), max_new_tokens=30, temperature=1.0,
+                   stop_ids=stop, seed=0, on_step=calls.append)
+    lengths = [len(c.tokens) for c in out]
+    assert len(calls) == max(lengths) and sum(calls) == sum(lengths)
+    assert calls == [sum(n > t for n in lengths) for t in range(max(lengths))]
+
+
 def test_identical_prompts_share_a_prefill(tiny):
     a, b = random_prompts([6, 9], 101, seed=4)
     out = generate(tiny, [a, b, a], max_new_tokens=10, greedy=True)

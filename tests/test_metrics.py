@@ -152,3 +152,14 @@ def test_progress_is_quiet_for_short_phases_and_paced_for_long_ones():
         now[0] = 30.0
     assert lines == ["  saliency: 3/3 sequences, done in 0m10s"]  # not "2.9999.../3 ... ETA"
     assert hms(3725) == "1h02m05s" and hms(float("nan")) == "?"
+
+
+def test_progress_finish_makes_an_upper_bound_the_total():
+    """A phase whose total is an upper bound (decode steps, when every rollout stopped early) closes as done."""
+    now, lines = [0.0], []
+    with Progress("rollout", 1024, "decode steps (at most)", quiet_s=5, clock=lambda: now[0], log=lines.append) as p:
+        for _ in range(40):
+            p.advance(1, tokens=64)
+        now[0] = 8.0
+        p.finish()
+    assert lines == ["  rollout: 40/40 decode steps (at most), 320 tok/s, done in 0m08s"]

@@ -39,7 +39,7 @@ What is notable here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -261,6 +261,7 @@ def generate(
     seed: int | Sequence[int] = 0,
     pad_id: int = 0,
     compile: bool | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[Completion]:
     """Continue every prompt (token ids, chat template already applied) by at most ``max_new_tokens`` tokens.
 
@@ -268,7 +269,9 @@ def generate(
     ``greedy=True`` takes the argmax. ``seed``: one seed per prompt (a sequence of ints), or one int from which
     row ``b`` gets the seed ``(seed, b)``; a row's tokens depend only on its prompt and its seed (module
     docstring). A sequence stops at the first token in ``stop_ids`` (e.g. the tokenizer's end-of-turn ids).
-    ``compile``: compile the decode step (None: on CUDA only). Returns one ``Completion`` per prompt, in order.
+    ``compile``: compile the decode step (None: on CUDA only). ``on_step(tokens)``: called after every decode step
+    with the number of tokens it produced (one per row still running), for progress display. Returns one
+    ``Completion`` per prompt, in order.
     See the module docstring for exactly what ``logprobs`` holds.
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -321,6 +324,7 @@ def generate(
     alive = torch.ones(B, dtype=torch.bool, device=device)  # rows in the batch that have not stopped yet
 
     token, logp = _pick(logits, temperature, top_p, greedy, keys, 0)
+    running = B  # rows that produce a token at this step
     for t in range(max_new_tokens):
         if t > 0:
             slot = P + t - 1  # the previous token's cache slot
@@ -342,6 +346,9 @@ def generate(
         finished[rows] |= hit
         alive = alive & ~hit
         n_alive = int(alive.sum())
+        if on_step is not None:
+            on_step(running)
+        running = n_alive
         if n_alive == 0:
             break
         if not compiled and len(rows) - n_alive >= max(1, len(rows) // 4):  # drop finished rows (eager only)

@@ -49,6 +49,11 @@ class Progress:
             self.log(self.line(now))
             self.last_line = now
 
+    def finish(self) -> None:
+        """The phase ended with less work than ``total`` (an upper bound, e.g. decode steps when every sequence
+        stopped early): what was done is the total, so the closing line says "done"."""
+        self.total = self.done
+
     def line(self, now: float | None = None) -> str:
         elapsed = (self.clock() if now is None else now) - self.start
         text = f"  {self.label}: {self.done:.0f}/{self.total:.0f} {self.unit}"

@@ -22,6 +22,7 @@ What is notable here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,13 +79,14 @@ def rollout_seed(seed: int, update: int, problem: int, g: int) -> int:
 
 
 def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int, update: int, device) -> list[Rollout]:
+                   temperature: float, top_p: float, seed: int, update: int, device,
+                   on_step: Callable[[int], None] | None = None) -> list[Rollout]:
     """G completions of each of this rank's problems in ONE ``generate`` call, scored; problem-major order (rollouts
     ``k*G .. k*G+G-1`` are those of ``problems[k]``).
 
     problems: this rank's problem objects; indices: their indices in the training set (they name the rollouts and
     seed them, see ``rollout_seed``). device: where ``model`` lives (checked, so a mis-placed inference copy fails
-    here with a clear message instead of inside the first matmul).
+    here with a clear message instead of inside the first matmul). on_step: passed to ``generate`` (progress).
     """
     if len(problems) != len(indices):
         raise ValueError(f"{len(problems)} problems but {len(indices)} indices; pass one training-set index per "
@@ -96,7 +98,7 @@ def rollout_update(model, task: Task, problems: list, indices: list[int], *, gro
     rows = [(k, g) for k in range(len(problems)) for g in range(group_size)]
     completions = generate(model, [prompts[k] for k, _ in rows], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_ids=task.stop_ids, pad_id=task.pad_id,
-                           seed=[rollout_seed(seed, update, indices[k], g) for k, g in rows])
+                           seed=[rollout_seed(seed, update, indices[k], g) for k, g in rows], on_step=on_step)
     return [
         Rollout(indices[k], prompts[k], c.tokens, c.logprobs, c.finished, task.score(problems[k], prompts[k], c.tokens))
         for (k, _), c in zip(rows, completions)

@@ -220,12 +220,15 @@ def train(
         # 1-2. Rollouts with the current policy; logp_old recorded by the generator.
         t0 = time.perf_counter()
         run.refresh_inference()
-        with Progress("rollout", len(mine) * G, "sequences") as progress:
+        # One generate call: progress counts its decode steps (at most max_new_tokens; it ends early when every
+        # rollout has stopped) and the tokens they produced.
+        with Progress("rollout", cfg.rollout.max_new_tokens, "decode steps (at most)") as progress:
             rollouts = rollout_update(run.inference, run.task, [run.problems[i] for i in mine], mine, group_size=G,
                                       max_new_tokens=cfg.rollout.max_new_tokens,
                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                      seed=cfg.train.seed, update=update, device=run.d.device)
-            progress.advance(len(rollouts), tokens=sum(len(r.completion) for r in rollouts))
+                                      seed=cfg.train.seed, update=update, device=run.d.device,
+                                      on_step=lambda tokens: progress.advance(1, tokens=tokens))
+            progress.finish()
         t_rollout = time.perf_counter() - t0
 
         # 3. Outcome reward (Eq. 4).
