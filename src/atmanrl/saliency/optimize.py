@@ -27,8 +27,8 @@ Degenerate inputs are defined results, never exceptions, and never affect the re
   and an empty ``saliency``. A trainer that wants it exactly neutral inside its GRPO group can replace it by the
   group mean of the valid rewards; ``status`` tells it which ones.
 
-Fewer steps (beyond the paper, off by default): ``SaliencyConfig.compressed(20)`` runs 20 steps at lr 1e-2, 10x
-less time for per-token saliency with Spearman rho 0.93 against the 200-step result (benchmarks/README.md).
+Fewer steps (beyond the paper, off by default): ``SaliencyConfig.compressed(20)`` runs 20 steps at lr 1e-2, a tenth
+of the time; how close its per-token saliency comes to the 200-step result is measured in benchmarks/README.md.
 
 Saturation (docs/DESIGN.md, pitfall a): when the answer loss at the initial mask is already ~0, the mask
 gradients are tiny
@@ -59,9 +59,9 @@ class EarlyStop:
 
     Every ``every`` steps (from ``min_steps`` on) the per-token saliency of each sequence is compared with the one
     ``every`` steps earlier by Spearman's rank correlation; a sequence converges when the correlation reaches
-    ``rho``. The batch stops when every live sequence has converged. Measured (benchmarks/README.md): at the
-    paper's lr the ranking drifts slowly and steadily, so this rule stops too early (rho 0.80 against the 200-step
-    result at 4x less time); ``SaliencyConfig.compressed`` is the better way to save time.
+    ``rho``. The batch stops when every live sequence has converged. At the paper's lr the ranking drifts slowly
+    and steadily, so this rule tends to stop too early; ``SaliencyConfig.compressed`` is the better way to save
+    time (both measured in benchmarks/README.md).
     """
 
     every: int = 10
@@ -104,9 +104,8 @@ class SaliencyConfig:
         """The paper's schedule in fewer steps: ``steps`` at ``lr = 1e-3 * 200 / steps`` (beyond the paper).
 
         Adam moves an entry by about lr per step, so keeping ``steps x lr`` keeps how far the mask can move, and the
-        reward's scale. Measured on SmolLM2-135M (benchmarks/README.md): 20 steps give per-token saliency with
-        Spearman rho 0.93 against the 200-step result, 10x less time; truncating the paper's run at 20 steps gives
-        0.62, and stopping when the ranking settles (``EarlyStop``) stops too early. Off by default.
+        reward's scale, where truncating the paper's run would not. Its agreement with the 200-step saliency, and
+        that of truncation and ``EarlyStop``, is measured in benchmarks/README.md. Off by default.
         """
         paper = cls()
         return cls(steps=steps, lr=paper.lr * paper.steps / steps, **overrides)
