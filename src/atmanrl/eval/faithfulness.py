@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
-from atmanrl.model.generate import generate
+from atmanrl.model.generate import generate, row_seed
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = "..."
@@ -155,7 +155,7 @@ def task_inputs(model, tokenizer, task, problems: Sequence, layout: AnswerLayout
         chunk = prompts[start:start + batch_size]
         completions = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
                                stop_ids=task.stop_ids, pad_id=task.pad_id,
-                               seed=[seed * 1_000_003 + start + k for k in range(len(chunk))])  # per problem
+                               seed=[row_seed(seed, start + k) for k in range(len(chunk))])  # per problem
         for k, (prompt, c) in enumerate(zip(chunk, completions)):
             tokens = [t for t in c.tokens if t not in task.stop_ids]
             text, ends = _token_ends(tokenizer, tokens)

@@ -20,7 +20,7 @@ from atmanrl.config import EvalConfig, RolloutConfig
 from atmanrl.data.gsm8k import Problem, build_prompt, is_correct, split_completion, split_tokens
 from atmanrl.eval.composition import composition
 from atmanrl.eval.table1 import summarize
-from atmanrl.model.generate import generate
+from atmanrl.model.generate import generate, row_seed
 
 
 def evaluate(
@@ -46,7 +46,7 @@ def evaluate(
     for start in range(0, len(problems), per_batch):
         chunk = problems[start: start + per_batch]
         prompts = [build_prompt(tokenizer, p.question) for p in chunk]
-        seeds = [(seed * 1_000_003 + start + i) * 1_000_033 + j for i in range(len(chunk)) for j in range(k)]
+        seeds = [row_seed(seed, start + i, j) for i in range(len(chunk)) for j in range(k)]
         outs = generate(model, [p for p in prompts for _ in range(k)], max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, stop_ids=tokenizer.stop_ids, seed=seeds,
                         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0)

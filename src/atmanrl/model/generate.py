@@ -122,6 +122,22 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+_SEED_PRIMES = (1_000_003, 1_000_033, 1_000_037)
+
+
+def row_seed(*parts: int) -> int:
+    """One row's sampling seed from up to four integers (e.g. run seed, update, problem index, sample index):
+    ``((a * p1 + b) * p2 + c) * p3 + d``, with three primes above 10^6, so indices below 10^6 never collide. The
+    callers that seed one row per (problem, sample) all use it, so a row's tokens are a function of these numbers
+    alone, not of the batch it is generated in."""
+    if not 1 <= len(parts) <= len(_SEED_PRIMES) + 1:
+        raise ValueError(f"row_seed takes 1 to {len(_SEED_PRIMES) + 1} integers, got {len(parts)}")
+    h = parts[0]
+    for prime, part in zip(_SEED_PRIMES, parts[1:]):
+        h = h * prime + part
+    return h
+
+
 def row_keys(seeds: Sequence[int], device=None) -> torch.Tensor:
     """``(B, 2)`` int64: two 32-bit words per row, from any Python int seed (hashed, so nearby seeds differ)."""
     words = []

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from atmanrl.model.generate import generate
+from atmanrl.model.generate import generate, row_seed
 
 if TYPE_CHECKING:
     from atmanrl.saliency import SaliencyResult
@@ -75,7 +75,7 @@ class Rollout:
 def rollout_seed(seed: int, update: int, problem: int, g: int) -> int:
     """The sampling seed of rollout ``g`` of problem ``problem`` at update ``update``: from these only -- not from
     the rank, the world size or the batch the rollout is generated in."""
-    return ((seed * 1_000_003 + update) * 1_000_033 + problem) * 1_000_037 + g
+    return row_seed(seed, update, problem, g)
 
 
 def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,

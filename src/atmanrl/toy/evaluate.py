@@ -16,7 +16,7 @@ import torch
 from atmanrl.data import toyworld as tw
 from atmanrl.eval.composition import composition
 from atmanrl.eval.table1 import summarize
-from atmanrl.model.generate import generate
+from atmanrl.model.generate import generate, row_seed
 
 
 def describe(task: tw.ToyTask, problem: tw.Problem, completion: list[int]) -> dict:
@@ -76,7 +76,7 @@ def evaluate_toy(model, tokenizer, problems: list, *, k: int = 4, temperature: f
         chunk = [p for p in prompts[s:s + per] for _ in range(k)]
         outs = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
                         stop_ids=task.stop_ids, pad_id=task.pad_id,  # one seed per (problem, sample)
-                        seed=[(seed * 1_000_003 + s + j // k) * 1_000_033 + j % k for j in range(len(chunk))])
+                        seed=[row_seed(seed, s + j // k, j % k) for j in range(len(chunk))])
         for j, o in enumerate(outs):
             i = s + j // k
             samples.append({"problem": i, "sample": j % k, **describe(task, problems[i], o.tokens)})

@@ -201,7 +201,7 @@ def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperatu
     import random
 
     from atmanrl.data import toyworld as tw
-    from atmanrl.model.generate import generate
+    from atmanrl.model.generate import generate, row_seed
 
     task = tw.ToyTask(tokenizer)
     alter = number_alterations(tokenizer)
@@ -214,7 +214,7 @@ def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperatu
             outs = [o.tokens for o in generate(model, prompts, max_new_tokens=max_new_tokens,
                                                temperature=temperature, stop_ids=task.stop_ids,
                                                pad_id=task.pad_id,
-                                               seed=[seed * 1_000_003 + s + k for k in range(len(prompts))])]
+                                               seed=[row_seed(seed, s + k) for k in range(len(prompts))])]
         else:
             outs = [tokenizer.encode(tw.completion_text(tw.gold_cot(p, rng.choice(tw.STYLES), rng)[0], p.gold))
                     for p in chunk]
