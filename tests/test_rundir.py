@@ -288,6 +288,24 @@ def test_check_finite_reports_an_infinite_gradient():
         checkpointing.check_finite(1.0, model, "here")
 
 
+def test_a_clipped_step_is_checked_with_the_norm_before_clipping(tmp_path):
+    """With train.grad_clip the norm comes from clip_grad_norm_ (not computed twice): an infinite gradient still
+    stops the step, and the weights are untouched."""
+    from atmanrl.rl.trainer import optimizer_step
+
+    model = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 2)).sum().backward()
+    model.weight.grad[0, 0] = float("inf")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    cfg = tiny_config(tmp_path, "train.grad_clip=1.0")
+    with pytest.raises(NonFiniteError, match="step 1: the loss is 0.5 and the gradient norm inf"):
+        optimizer_step(model, optimizer, cfg, 0.5, "step 1")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(NonFiniteError, match="gradient norm nan"):
+        checkpointing.check_finite(1.0, torch.nn.Linear(2, 2), "here", grad_norm=float("nan"))
+
+
 def test_save_and_export_refuse_nonfinite_weights(tmp_path):
     policy = tiny_policy()
     with torch.no_grad():

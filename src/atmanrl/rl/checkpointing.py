@@ -94,14 +94,19 @@ def nonfinite_parameters(model, collective: bool = True) -> list[str]:
 
 
 @torch.no_grad()
-def check_finite(loss: float, model, where: str) -> float:
+def check_finite(loss: float, model, where: str, grad_norm: float | None = None) -> float:
     """Raise NonFiniteError when ``loss`` (the global loss of an optimizer step) or the global gradient norm of
-    ``model`` is not finite; call it before ``optimizer.step()`` on every rank. Returns the gradient norm."""
-    # One norm per gradient on its device (no float64 copy of a large gradient), then one sync.
-    norms = [torch.linalg.vector_norm(_local(p.grad).detach().float()) for p in model.parameters()
-             if p.grad is not None]
-    squares = torch.stack(norms).double().pow(2).sum().reshape(1).cpu() if norms else torch.zeros(1).double()
-    norm = math.sqrt(dist.all_reduce(squares).item())
+    ``model`` is not finite; call it before ``optimizer.step()`` on every rank. Returns the gradient norm.
+
+    ``grad_norm``: the global norm when the caller already has it (``clip_grad_norm_`` returns it), so it is not
+    computed twice."""
+    if grad_norm is None:
+        # One norm per gradient on its device (no float64 copy of a large gradient), then one sync.
+        norms = [torch.linalg.vector_norm(_local(p.grad).detach().float()) for p in model.parameters()
+                 if p.grad is not None]
+        squares = torch.stack(norms).double().pow(2).sum().reshape(1).cpu() if norms else torch.zeros(1).double()
+        grad_norm = math.sqrt(dist.all_reduce(squares).item())
+    norm = grad_norm
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise NonFiniteError(
             f"{where}: the loss is {loss} and the gradient norm {norm}. Training stopped before the optimizer step, "

@@ -388,7 +388,8 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> tuple[list[float], LossS
                     stats = stats.add(st)
                     progress.advance(tokens=sum(len(r.completion) for r in chunk))
                 losses.append(float(dist.all_reduce(step_loss)))
-                grad_norm = optimizer_step(policy, optimizer, cfg, losses[-1], f"optimizer step {len(losses)} of this update")
+                grad_norm = optimizer_step(policy, optimizer, cfg, losses[-1],
+                                           f"optimizer step {len(losses)} of this update")
                 if grad_norm is not None:
                     grad_norms.append(grad_norm)
     return losses, stats, grad_norms
@@ -402,9 +403,9 @@ def optimizer_step(policy, optimizer, cfg: RunConfig, loss: float, where: str) -
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
     norm = None
-    if cfg.train.grad_clip is not None:
+    if cfg.train.grad_clip is not None:  # the norm before clipping: what check_finite judges
         norm = float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip)))
-    checkpointing.check_finite(loss, policy, where)
+    checkpointing.check_finite(loss, policy, where, grad_norm=norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
