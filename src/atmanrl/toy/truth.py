@@ -34,20 +34,17 @@ from dataclasses import dataclass
 
 import torch
 
+from atmanrl.eval.faithfulness import auroc as faithfulness_auroc
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
 
 READOUTS = ("all_rows", "answer_row", "max_row", "gradient")
 
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
-    count one half), by the Mann-Whitney rank sum. NaN when either class is empty."""
-    pos = [s for s, p in zip(scores, positive) if p]
-    neg = [s for s, p in zip(scores, positive) if not p]
-    if not pos or not neg:
-        return math.nan
-    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
-    return wins / (len(pos) * len(neg))
+    """``atmanrl.eval.faithfulness.auroc`` (ties count one half), as a float for averaging over CoTs: NaN when
+    either class is empty."""
+    area = faithfulness_auroc(scores, positive)
+    return math.nan if area is None else area
 
 
 @torch.no_grad()
