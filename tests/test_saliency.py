@@ -557,3 +557,7 @@ def test_render_terminal_and_html():
     assert page.startswith("<!DOCTYPE html>") and page.count('class="tok"') == 2 * x.n_cot
     assert "t0&lt;&amp;&gt;" in page and "<svg" in page and "linear-gradient" in page
     assert f"{r.reward_reenable:+.5f}" in page and "<script" not in page
+    (reopened,) = reopen_one(model, [x], init=-5.0)  # the third panel: re-open one, beside the mask and ATMAN
+    page = html_page(r, tokens, atman=atman_explanation(model, x), reopen=reopened)
+    assert page.count('class="tok"') == 3 * x.n_cot and "Re-open one" in page
+    assert f"{reopened.reward:+.5f}" in page and f"{reopened.suppressed_loss:.4f}" in page

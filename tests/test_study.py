@@ -130,3 +130,37 @@ def test_study_part_smoke(tmp_path):
     assert reproduce_toy.main([a if a != "reopen" else "eq3" for a in argv]) == 0
     assert set(json.loads((out / "study" / "eq3.json").read_text())["arms"]) == {"w0", "eq3_w1", "eq3_w10"}
     assert [p.stat().st_mtime_ns for p in runs] == stamp  # the shared w0 runs were reused, not recomputed
+
+
+def test_explain_shows_reopen_one_beside_the_mask_and_atman(tmp_path, capsys):
+    """experiments/explain.py on the smoke-sized toy model: the terminal lists re-open-one's ranking after ATMAN's
+    and the page carries the three panels; a non-negative --reopen-init is refused with a sentence."""
+    from atmanrl.toy.sft import SFTSettings, sft_model_dir
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    import explain  # noqa: E402
+
+    sys.path.pop(0)
+    model_dir = sft_model_dir(reproduce_toy._smoke_sft(SFTSettings()), tmp_path / "sft")
+    from atmanrl.model import load
+
+    _, tok = load(model_dir)
+    tok.chat = lambda messages: [tok.bos_id, *tok.encode(messages[0]["content"])]  # the toy world has no template
+    argv = ["--model", str(model_dir), "--question", "x = 7 , y = x * 3 . What is y ?", "--completion",
+            "y = 7 * 3 = 21 . ##### 21", "--answer", "21", "--steps", "2", "--device", "cpu",
+            "--out", str(tmp_path / "e.html")]
+    import atmanrl.model
+
+    real_load = atmanrl.model.load
+    atmanrl.model.load = lambda *a, **k: (real_load(*a, **k)[0], tok)
+    try:
+        explain.main(argv)
+    finally:
+        atmanrl.model.load = real_load
+    out = capsys.readouterr().out
+    assert out.index("original ATMAN") < out.index("re-open one")
+    page = (tmp_path / "e.html").read_text()
+    assert "Original ATMAN" in page and "Re-open one" in page
+    with pytest.raises(SystemExit):
+        explain.main(argv + ["--reopen-init", "0"])
+    assert "--reopen-init must be < 0" in capsys.readouterr().err
