@@ -692,7 +692,7 @@ def run_study(args) -> int:
     (args.out / "study" / "runs").mkdir(parents=True, exist_ok=True)
     if args.smoke:
         args.override = [*SMOKE_OVERRIDES, *args.override]
-    test_problems = tw.make_problems(args.heldout, 0, "test")
+    test_problems = tw.toy_problems(args.heldout, 0, "test")
     seeds = [int(s) for s in args.study_seeds.split(",")]
     arms = study_arms(args.study, args.study_lr)
     sft, runs = {}, {}

@@ -12,8 +12,9 @@ import torch
 from atmanrl.rl import trainer as trainer_module
 from atmanrl.rl.grpo import group_standardised_saliency
 from atmanrl.rl.trainer import train
-from test_trainer import TinyTask, single_process_one_thread, tiny_config, tiny_policy  # noqa: F401 (fixture)
+from tiny import TinyTask, tiny_config, tiny_policy
 
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import reproduce_toy  # noqa: E402
