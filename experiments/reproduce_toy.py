@@ -502,13 +502,15 @@ def study_arms(part: str, lr: float) -> list[StudyArm]:
     if part == "reopen":
         return [_w(0.0, SFTSettings(), *at)] + [_w(w, SFTSettings(), *at, *reopen, prefix="reopen_w")
                                                 for w in REOPEN_WEIGHTS]
+    if part == "cost":  # no training: the saliency phase's seconds per update, mask vs reopen_one (reopen_cost)
+        return []
     if part in ("warmstart2", "world90"):
         sft = SFT_SEED1 if part == "warmstart2" else SFT_LONG
         return [_w(0.0, sft, *at), _w(1.0, sft, *at), _w(10.0, sft, *at), _w(0.3, sft, *at, *sf, prefix="sf")]
     raise ValueError(f"unknown study part {part!r}")
 
 
-STUDY = ("lr", "dose", "eq3", "scalefree", "reopen", "warmstart2", "world90")
+STUDY = ("lr", "dose", "eq3", "scalefree", "reopen", "warmstart2", "world90", "cost")
 
 
 def t95(df: int) -> float:
@@ -706,7 +708,7 @@ def run_study(args) -> int:
                                            for k, v in sft.items()},
               "arms": study_summary(arms, runs, sft),
               "runs": {a: [{k: r[k] for k in ("seed", "seconds", "heldout")} for r in rs] for a, rs in runs.items()}}
-    if args.study == "reopen":
+    if args.study in ("reopen", "cost"):
         result["cost"] = reopen_cost(args, test_problems)
     result["seconds"] = time.perf_counter() - t_begin
     (args.out / "study" / f"{args.study}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

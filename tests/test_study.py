@@ -92,7 +92,8 @@ def test_verdicts_need_the_whole_interval_on_one_side():
 def test_study_parts_differ_from_their_baseline_only_as_named():
     """Every comparison arm of a part is its part's w0 plus the overrides its name says, on the same warm start
     and lr (the protocol's fairness, checked on the arm definitions)."""
-    for part in reproduce_toy.STUDY:
+    assert reproduce_toy.study_arms("cost", 3e-5) == []  # the cost part trains nothing
+    for part in set(reproduce_toy.STUDY) - {"cost"}:
         arms = reproduce_toy.study_arms(part, 3e-5)
         names = [a.name for a in arms]
         assert len(set(names)) == len(names), part
