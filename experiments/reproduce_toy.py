@@ -697,6 +697,10 @@ def run_study(args) -> int:
     test_problems = tw.toy_problems(args.heldout, 0, "test")
     seeds = [int(s) for s in args.study_seeds.split(",")]
     arms = study_arms(args.study, args.study_lr)
+    if args.study_arms:  # a subset (time-boxed runs); the baseline arms of the chosen ones come along
+        wanted = set(args.study_arms.split(","))
+        wanted |= {a.baseline for a in arms if a.name in wanted and a.baseline}
+        arms = [a for a in arms if a.name in wanted]
     sft, runs = {}, {}
     for arm in arms:
         if arm.sft.key() not in sft:
@@ -819,6 +823,8 @@ def main(argv=None) -> int:
     parser.add_argument("--study", choices=STUDY, help="run one part of the study (issue 17) instead: "
                                                        "OUT/study/PART.json and .md (docs/toyworld.md)")
     parser.add_argument("--study-seeds", default="0,1,2,3,4", help="comma-separated seeds of a study part")
+    parser.add_argument("--study-arms", default="", help="comma-separated arms of the part to run (default: all; "
+                                                          "each arm's baseline arm is run too)")
     parser.add_argument("--study-lr", type=float, default=1e-4, help="policy lr of the study's comparison parts")
     argv = list(argv if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)

@@ -129,8 +129,8 @@ def test_study_part_smoke(tmp_path):
     runs = sorted((out / "study" / "runs").glob("*.json"))
     assert len(runs) == 6
     stamp = [p.stat().st_mtime_ns for p in runs]
-    assert reproduce_toy.main([a if a != "reopen" else "eq3" for a in argv]) == 0
-    assert set(json.loads((out / "study" / "eq3.json").read_text())["arms"]) == {"w0", "eq3_w1", "eq3_w10"}
+    assert reproduce_toy.main([a if a != "reopen" else "eq3" for a in argv] + ["--study-arms", "eq3_w10"]) == 0
+    assert set(json.loads((out / "study" / "eq3.json").read_text())["arms"]) == {"w0", "eq3_w10"}  # + its baseline
     assert [p.stat().st_mtime_ns for p in runs] == stamp  # the shared w0 runs were reused, not recomputed
 
 
