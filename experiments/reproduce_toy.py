@@ -502,15 +502,15 @@ def study_arms(part: str, lr: float) -> list[StudyArm]:
     if part == "reopen":
         return [_w(0.0, SFTSettings(), *at)] + [_w(w, SFTSettings(), *at, *reopen, prefix="reopen_w")
                                                 for w in REOPEN_WEIGHTS]
-    if part == "cost":  # no training: the saliency phase's seconds per update, mask vs reopen_one (reopen_cost)
-        return []
+    if part in ("cost", "headline"):  # no training: the saliency phase's seconds per update, mask vs reopen_one
+        return []  # (reopen_cost); the comparison over both warm starts from the parts already written (headline)
     if part in ("warmstart2", "world90"):
         sft = SFT_SEED1 if part == "warmstart2" else SFT_LONG
         return [_w(0.0, sft, *at), _w(1.0, sft, *at), _w(10.0, sft, *at), _w(0.3, sft, *at, *sf, prefix="sf")]
     raise ValueError(f"unknown study part {part!r}")
 
 
-STUDY = ("lr", "dose", "eq3", "scalefree", "reopen", "warmstart2", "world90", "cost")
+STUDY = ("lr", "dose", "eq3", "scalefree", "reopen", "warmstart2", "world90", "cost", "headline")
 
 
 def t95(df: int) -> float:
@@ -686,6 +686,35 @@ def reopen_cost(args, test_problems, repeats: int = 2) -> dict:
     return out
 
 
+HEADLINE = {0: ("dose", "scalefree"), 1: ("warmstart2",)}  # SFT seed -> the parts that trained on that warm start
+
+
+def headline(args) -> dict:
+    """The headline comparison over both warm starts, from the parts already written (no training): for every arm
+    the parts share with their baseline w0, the paired differences per warm start and pooled over all (warm start,
+    seed) pairs. Pooled intervals treat the pairs as independent, which the nesting (seeds inside 2 warm starts)
+    does not guarantee: with two warm starts the between-warm-start variance cannot be estimated, so read the
+    per-warm-start rows first."""
+    per_ws: dict = {}
+    for ws, parts in HEADLINE.items():
+        for part in parts:
+            path = args.out / "study" / f"{part}.json"
+            if path.is_file():
+                for arm, rs in json.loads(path.read_text())["runs"].items():
+                    per_ws.setdefault(ws, {}).setdefault(arm, {}).update({r["seed"]: r for r in rs})
+    out = {"arms": {}, "warm_starts": sorted(per_ws)}
+    for arm in sorted({a for d in per_ws.values() for a in d} - {"w0"}):
+        pairs = {ws: [(d[arm][s], d["w0"][s]) for s in sorted(set(d.get(arm, {})) & set(d.get("w0", {})))]
+                 for ws, d in per_ws.items()}
+        rows = {f"ws{ws}": p for ws, p in pairs.items() if p}
+        rows["pooled"] = [x for p in pairs.values() for x in p]
+        if len(rows) < 3:  # the arm ran on one warm start only: not a headline arm
+            continue
+        out["arms"][arm] = {name: {m: interval([a["heldout"][m] - b["heldout"][m] for a, b in p])
+                                   for m in STUDY_METRICS} for name, p in rows.items()}
+    return out
+
+
 def run_study(args) -> int:
     """One study part: every arm x seed (cached runs reused), the warm starts' own evaluation, the summary with
     intervals, OUT/study/<part>.json and <part>.md (and the dose-response figure for the weight parts)."""
@@ -714,6 +743,8 @@ def run_study(args) -> int:
               "runs": {a: [{k: r[k] for k in ("seed", "seconds", "heldout")} for r in rs] for a, rs in runs.items()}}
     if args.study in ("reopen", "cost"):
         result["cost"] = reopen_cost(args, test_problems)
+    if args.study == "headline":
+        result["headline"] = headline(args)
     result["seconds"] = time.perf_counter() - t_begin
     (args.out / "study" / f"{args.study}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (args.out / "study" / f"{args.study}.md").write_text(study_report(result))
@@ -769,6 +800,14 @@ def study_report(result: dict) -> str:
     if checks:
         lines += ["", "What must hold (paired 95 % intervals; undecided = the interval straddles the bound):", ""]
         lines += [f"- {name}: {c[0]}: **{c[1]}**" for name, c in checks]
+    if "headline" in result:
+        lines += ["", "Headline: difference to the baseline w0 (paired by seed) per warm start and pooled over all "
+                  "(warm start, seed) pairs:", "", "| arm | warm start | n | " + " | ".join(
+                      names[k] for k in STUDY_METRICS) + " |", "| --- | --- | ---: |" + " ---: |" * len(STUDY_METRICS)]
+        for arm, rows in result["headline"]["arms"].items():
+            for name, ivs in rows.items():
+                lines.append(f"| {arm} | {name} | {ivs['padding_pct']['n']} | "
+                             + " | ".join(_iv(ivs[k]) for k in STUDY_METRICS) + " |")
     if "cost" in result:
         c = result["cost"]
         lines += ["", f"Saliency cost of one update ({c['sequences']} rollouts, mean CoT {c['mean_cot_tokens']:.1f} "

@@ -92,8 +92,8 @@ def test_verdicts_need_the_whole_interval_on_one_side():
 def test_study_parts_differ_from_their_baseline_only_as_named():
     """Every comparison arm of a part is its part's w0 plus the overrides its name says, on the same warm start
     and lr (the protocol's fairness, checked on the arm definitions)."""
-    assert reproduce_toy.study_arms("cost", 3e-5) == []  # the cost part trains nothing
-    for part in set(reproduce_toy.STUDY) - {"cost"}:
+    assert reproduce_toy.study_arms("cost", 3e-5) == reproduce_toy.study_arms("headline", 3e-5) == []  # no training
+    for part in set(reproduce_toy.STUDY) - {"cost", "headline"}:
         arms = reproduce_toy.study_arms(part, 3e-5)
         names = [a.name for a in arms]
         assert len(set(names)) == len(names), part
@@ -166,3 +166,26 @@ def test_explain_shows_reopen_one_beside_the_mask_and_atman(tmp_path, capsys):
     with pytest.raises(SystemExit):
         explain.main(argv + ["--reopen-init", "0"])
     assert "--reopen-init must be < 0" in capsys.readouterr().err
+
+
+def test_headline_pairs_seeds_inside_each_warm_start_and_pools_them(tmp_path):
+    """The headline part reads the parts' JSON: differences to w0 are paired within a warm start (by seed), and the
+    pooled row holds every (warm start, seed) pair; an arm that ran on one warm start only is left out."""
+    study = tmp_path / "study"
+    study.mkdir()
+
+    def runs(values):  # arm -> [padding of seed 0, seed 1, ...]; the other metrics 0
+        return {"runs": {arm: [{"seed": s, "heldout": {m: (v if m == "padding_pct" else 0.0)
+                                                       for m in reproduce_toy.STUDY_METRICS}}
+                               for s, v in enumerate(vals)] for arm, vals in values.items()}}
+
+    (study / "dose.json").write_text(json.dumps(runs({"w0": [20.0, 22.0, 24.0], "w10": [17.0, 20.0, 21.0],
+                                                      "w3": [19.0, 21.0, 23.0]})))
+    (study / "warmstart2.json").write_text(json.dumps(runs({"w0": [30.0, 31.0], "w10": [26.0, 29.0]})))
+    args = type("Args", (), {"out": tmp_path})()
+    out = reproduce_toy.headline(args)["arms"]
+    assert set(out) == {"w10"}  # w3 ran on warm start 0 only
+    assert out["w10"]["ws0"]["padding_pct"]["mean"] == pytest.approx(-8 / 3)  # (-3, -2, -3)
+    assert out["w10"]["ws1"]["padding_pct"]["mean"] == pytest.approx(-3.0)  # (-4, -2)
+    pooled = out["w10"]["pooled"]["padding_pct"]
+    assert pooled["n"] == 5 and pooled["mean"] == pytest.approx(-14 / 5)
