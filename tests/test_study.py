@@ -52,7 +52,8 @@ def test_trainer_combines_rewards_as_configured(tmp_path, monkeypatch, normalize
         assert torch.equal(total, outcome + w * sal)
     else:
         torch.testing.assert_close(total, outcome + w * group_standardised_saliency(sal), rtol=0, atol=1e-12)
-        torch.testing.assert_close((total - outcome).std(dim=1, unbiased=False), torch.full((len(total),), w, dtype=torch.float64))
+        spread = (total - outcome).std(dim=1, unbiased=False)
+        torch.testing.assert_close(spread, torch.full((len(total),), w, dtype=torch.float64))
     adv = torch.tensor([r.advantage for r in rollouts], dtype=torch.float64).view(-1, G)
     torch.testing.assert_close(adv, total - total.mean(dim=1, keepdim=True), rtol=0, atol=1e-12)
 
