@@ -447,3 +447,73 @@ def test_save_and_export_refuse_nonfinite_weights(tmp_path):
     with pytest.raises(NonFiniteError, match=r"exported policy .*: the weights \['norm\.weight'\]"):
         checkpointing.export_hf(policy, tmp_path / "policy")
     assert not (tmp_path / "ckpt" / "step_3").exists() and not (tmp_path / "policy").exists()
+
+
+def _poison_checkpoint(step, where, monkeypatch):
+    """Rewrite the checkpoint ``step`` with a NaN in its embedding (``"weights"``) or in AdamW's first moment
+    (``"adam"``), as a damaged disk or a buggy tool would leave it (save itself refuses non-finite weights)."""
+    policy = tiny_policy()
+    optimizer = torch.optim.AdamW(policy.parameters())
+    state = checkpointing.load(step, policy, optimizer)
+    with torch.no_grad():
+        if where == "weights":
+            policy.embed_tokens.weight[3, 0] = float("nan")
+        else:
+            next(iter(optimizer.state.values()))["exp_avg"].view(-1)[0] = float("nan")
+    with monkeypatch.context() as m:
+        m.setattr(checkpointing, "_refuse_nonfinite", lambda *a, **k: None)
+        checkpointing.save(step.parent, state["update"], policy, optimizer, {}, keep=9)
+
+
+@pytest.mark.parametrize("where, named", [("weights", "embed_tokens.weight"), ("adam", "optimizer state param 0")])
+def test_a_nonfinite_newest_checkpoint_falls_back_to_the_intact_one(tmp_path, monkeypatch, where, named):
+    """Issue 16, case 6: NaN in the newest checkpoint trained two garbage updates, then advised a lower lr, on every
+    rerun; NaN in the Adam state was reported as "the newest checkpoint is intact"."""
+    _run(tmp_path, "checkpoint.keep=3")
+    _poison_checkpoint(tmp_path / "checkpoints" / "step_4", where, monkeypatch)
+    with pytest.raises(CorruptCheckpointError, match=rf"step_4 holds NaN/inf values \({named}"):
+        policy = tiny_policy()
+        checkpointing.load(tmp_path / "checkpoints" / "step_4", policy, torch.optim.AdamW(policy.parameters()))
+    with pytest.warns(RuntimeWarning, match=rf"skipping the damaged checkpoint .*step_4: .*NaN/inf values \({named}"):
+        result = _run(tmp_path, "train.max_updates=5", "checkpoint.keep=3")
+    assert [r["update"] for r in result.metrics] == [3, 4, 5] and _updates(tmp_path) == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(p).all() for p in result.policy.parameters())
+
+
+def test_a_nonfinite_starting_model_is_refused_before_any_update(tmp_path):
+    policy = tiny_policy()
+    with torch.no_grad():
+        policy.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"the starting model \(model\.name_or_path=.*\) holds NaN/inf values in "
+                                             r"\['layers\.0\.mlp\.down_proj\.weight'\]; training on it"):
+        _run(tmp_path, policy=policy)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_sentence_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Issue 16, case 10: a full disk gave a 60-line traceback ending 'unexpected pos 704 vs 598'."""
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.extend([f] if str(f).endswith("rng_rank0.pt") else [])
+        if len(calls) == 2:  # the second checkpoint's RNG file
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    with pytest.raises(checkpointing.CheckpointWriteError, match=r"cannot write the checkpoint step_4 into .*"
+                                                                 r"unexpected pos 704 vs 598; \d+ MiB free on its "
+                                                                 r"disk\)\. A full disk .*free space, then run the "
+                                                                 r"same command again to resume from step_2"):
+        _run(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]
+    monkeypatch.undo()
+    assert [r["update"] for r in _run(tmp_path).metrics] == [3, 4]
+
+
+def test_a_checkpoint_of_another_optimizer_is_intact_not_damaged(tmp_path):
+    _run(tmp_path, "train.max_updates=2")
+    policy = tiny_policy()
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"step_2 holds the state of AdamW, not of SGD; "
+                                                                    r"set train\.optimizer back"):
+        checkpointing.load_latest(tmp_path / "checkpoints", policy, torch.optim.SGD(policy.parameters(), lr=0.1))
