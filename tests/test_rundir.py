@@ -503,8 +503,9 @@ def test_a_full_disk_while_checkpointing_is_one_sentence_and_leaves_no_partial_c
     monkeypatch.setattr(checkpointing.torch, "save", full_disk)
     with pytest.raises(checkpointing.CheckpointWriteError, match=r"cannot write the checkpoint step_4 into .*"
                                                                  r"unexpected pos 704 vs 598; \d+ MiB free on its "
-                                                                 r"disk\)\. A full disk .*free space, then run the "
-                                                                 r"same command again to resume from step_2"):
+                                                                 r"disk\)\. A full disk .*free space, then run "
+                                                                 r"again with checkpoint\.resume=true to resume "
+                                                                 r"from step_2, which is intact"):
         _run(tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]
     monkeypatch.undo()

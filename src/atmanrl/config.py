@@ -105,6 +105,41 @@ def number_arg(kind: type, what: str, low=None, high=None, *, low_open=False, hi
     return parse
 
 
+def text_arg(name: str, empty: bool = True):
+    """An argparse ``type=`` for text: bytes that are not UTF-8 (``$'\\xff'``, which Python passes on as a lone
+    surrogate that no tokenizer or file system call accepts) are refused, and so is an empty value unless ``empty``."""
+
+    def parse(text: str) -> str:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+            raise argparse.ArgumentTypeError(
+                "not UTF-8 text" + (f" (byte 0x{byte:02x})" if byte is not None else "") + "; pass UTF-8 text") from None
+        if not empty and not text.strip():
+            raise argparse.ArgumentTypeError(f"{name} must not be empty")
+        return text
+
+    return parse
+
+
+def device_arg(name: str, text: str) -> torch.device:
+    """``text`` as a torch device that exists on this machine (cpu, cuda, cuda:N), else a ``UserError`` naming
+    ``name`` (the flag) and what to pass."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{name} {text!r} is not a device torch knows; pass cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{name} {text}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{name} {text}: this machine has no CUDA GPU (torch.cuda.is_available() is False); pass "
+                        f"{name} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{name} {text}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def _finite(obj) -> None:
     """No float field (or float in a tuple field) of the section ``obj`` may be NaN or infinite."""
     for f in dataclasses.fields(obj):

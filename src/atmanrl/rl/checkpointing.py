@@ -215,8 +215,8 @@ def _write_error(root: Path, tmp: Path, final: Path, e: BaseException) -> Checkp
     newest = latest(root)
     return CheckpointWriteError(
         f"cannot write the checkpoint {final.name} into {root} ({type(e).__name__}: {detail}; {free}). A full disk "
-        f"is the usual cause: free space, then run the same command again to resume from "
-        f"{newest.name if newest else 'the start (no checkpoint was completed)'}, which is intact."
+        f"is the usual cause: free space, then run again with checkpoint.resume=true to resume from "
+        f"{newest.name + ', which is intact' if newest else 'the start (no checkpoint was completed)'}."
     )
 
 

@@ -214,6 +214,7 @@ def hold(out_dir: str | Path):
     if not dist.info().is_main:
         yield out
         return
+    created = not out.exists()
     _make_dir(out)
     acquire(out)
     key = out.resolve()
@@ -223,6 +224,8 @@ def hold(out_dir: str | Path):
     finally:
         _HELD.discard(key)
         release(out)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a run refused before it wrote anything leaves no empty directory behind
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,9 +267,9 @@ def _changed(saved: dict, cfg: RunConfig) -> dict:
             if old.get(k) != new.get(k) and k not in EXTENDS and not k.startswith("checkpoint.")}
 
 
-def check_schedule(saved: dict, cfg: RunConfig, source: Path) -> None:
+def check_schedule(saved: dict, cfg: RunConfig, source: Path, warn: bool = True) -> None:
     """Refuse a resume whose data schedule or optimizer differs from the saved run's; warn about the other changed
-    settings."""
+    settings (``warn``)."""
     changed = _changed(saved, cfg)
     state = [k for k in STATE_KEYS if k in changed]
     if state:
@@ -284,11 +287,11 @@ def check_schedule(saved: dict, cfg: RunConfig, source: Path) -> None:
             "updates would draw other problems or other samples than the run so far. Set them back to the saved "
             "values, or start a new run (another out_dir, or checkpoint.overwrite=true to replace this one)."
         )
-    if changed:
+    if changed and warn:
         listed = ", ".join(f"{k}: {a!r} -> {b!r}" + (" (applied to the restored optimizer)" if k in OPTIMIZER_KEYS
                                                       else "") for k, (a, b) in sorted(changed.items()))
         warnings.warn(f"resuming {source.parent} with settings that differ from its {source.name}: {listed}",
-                      RunDirWarning, stacklevel=3)
+                      RunDirWarning, stacklevel=4)
 
 
 def prepare(cfg: RunConfig) -> Path:
@@ -346,34 +349,52 @@ def _saved_config(out: Path) -> dict | None:
                           "with this run. Restore the file or start a new run in another out_dir.") from None
 
 
-def _check_and_clear(out: Path, cfg: RunConfig) -> None:
+def check(cfg: RunConfig) -> str:
+    """What ``prepare`` would do with ``cfg.out_dir`` -- "fresh", "overwrite", "resume" or "restart" -- without
+    writing anything; raises the ``RunDirError`` ``prepare`` would raise. Drivers of many runs (sweep.py,
+    reproduce_toy.py) call it for every run before the first one starts."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"out_dir={out} is a file, not a directory; choose a directory for the run")
+    if not out.is_dir():
+        return "fresh"
+    _check_lock(out)
+    return _decide(out, cfg)
+
+
+def _check_lock(out: Path) -> None:
+    """Refuse (without touching it) a lock held by another live process of this host or by another host."""
+    try:
+        owner = json.loads((out / LOCK).read_text())
+        host, pid = owner["host"], int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or one acquire() reports in full
+    if host != socket.gethostname() or (pid != os.getpid() and _alive(pid)):
+        raise RunDirError(f"{out} is in use by another run (process {pid} on host {host}); wait for it or choose "
+                          "another out_dir")
+
+
+def _decide(out: Path, cfg: RunConfig, warn: bool = False) -> str:
+    """The decision of the module docstring for an existing ``out``; a refusal raises ``RunDirError``."""
     names = _entries(out)
     if MARKER not in names:
         if names:
             raise _not_a_run(out, names)
-        return
+        return "fresh"
     found = history(out)
     if not found:
-        return
+        return "fresh"
     if cfg.checkpoint.overwrite:
-        kept = _delete_run(out)
-        dist.log(f"checkpoint.overwrite: deleted the earlier run in {out} ({'; '.join(found)})"
-                 + (f"; kept {', '.join(kept)}, which atmanrl did not write" if kept else ""))
-        return
+        return "overwrite"
     saved = _saved_config(out)
     if cfg.checkpoint.resume and checkpointing.latest(out / "checkpoints") is not None:
         if saved is None:
             raise RunDirError(f"{out} has checkpoints but no {CONFIG}, so this resume cannot be checked against the "
                               "run's settings. Restore the file, or start a new run in another out_dir.")
-        check_schedule(saved, cfg, out / CONFIG)
-        return
+        check_schedule(saved, cfg, out / CONFIG, warn)
+        return "resume"
     if _stopped_before_first_checkpoint(out) and saved is not None and not _changed(saved, cfg):
-        for step in (out / "checkpoints").glob("step_*"):  # none is complete: a save the kill interrupted
-            if step.is_dir() and checkpointing.STEP_DIR.match(step.name.removesuffix(".tmp")):
-                shutil.rmtree(step, ignore_errors=True)
-        warnings.warn(f"{out}: the earlier run stopped before its first checkpoint ({'; '.join(found)}); starting it "
-                      "again from update 0 with the same settings", RunDirWarning, stacklevel=3)
-        return
+        return "restart"
     why = ("checkpoint.resume is false" if not cfg.checkpoint.resume
            else "it has no complete checkpoint to resume from")
     raise RunDirError(
@@ -381,6 +402,22 @@ def _check_and_clear(out: Path, cfg: RunConfig) -> None:
         "Resume it (checkpoint.resume=true, when it has a checkpoint), replace it (checkpoint.overwrite=true), "
         "or choose another out_dir."
     )
+
+
+def _check_and_clear(out: Path, cfg: RunConfig) -> None:
+    """Act on ``_decide``: delete the earlier run (overwrite) or the interrupted checkpoints (restart)."""
+    decision = _decide(out, cfg, warn=True)
+    found = history(out)
+    if decision == "overwrite":
+        kept = _delete_run(out)
+        dist.log(f"checkpoint.overwrite: deleted the earlier run in {out} ({'; '.join(found)})"
+                 + (f"; kept {', '.join(kept)}, which atmanrl did not write" if kept else ""))
+    elif decision == "restart":
+        for step in (out / "checkpoints").glob("step_*"):  # none is complete: a save the kill interrupted
+            if step.is_dir() and checkpointing.STEP_DIR.match(step.name.removesuffix(".tmp")):
+                shutil.rmtree(step, ignore_errors=True)
+        warnings.warn(f"{out}: the earlier run stopped before its first checkpoint ({'; '.join(found)}); starting it "
+                      "again from update 0 with the same settings", RunDirWarning, stacklevel=3)
 
 
 def _stopped_before_first_checkpoint(out: Path) -> bool:

@@ -1,6 +1,6 @@
 """The AtManRL / GRPO training loop (paper sections 3.3-3.4), written to be read top to bottom.
 
-``build_run`` does the set-up once (process group, run directory, model, task and problems, the reference and
+``build_run`` does the set-up once (process group, problems, run directory, model and task, the reference and
 inference copies, FSDP2 sharding, optimizer, resume) and returns a ``Run``; ``train`` is then the algorithm.
 One update:
   1. take the next ``problems_per_update`` problems of the epoch's shuffled order; each rank takes a contiguous
@@ -120,19 +120,21 @@ def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task 
     """The set-up of ``train``, in order; each argument left None comes from the config."""
     d = dist.init()
     validate(cfg, d.world_size)
-    out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
-    torch.manual_seed(cfg.train.seed)
 
-    # ---- problems, model, task ----------------------------------------------------------------------------
+    # ---- problems (a file that cannot be read stops the run before out_dir is touched), run directory ----------
     if problems is None:
         problems = reading("data.path", cfg.data.path, load_problems, cfg.data)
     per_epoch = len(problems) // cfg.train.problems_per_update
     if per_epoch == 0:
-        raise ValueError(f"{len(problems)} training problems are fewer than train.problems_per_update="
-                         f"{cfg.train.problems_per_update}; lower it or give more problems (data.path, "
-                         f"data.synthetic_problems, data.max_problems)")
+        raise ConfigError(f"{len(problems)} training problems are fewer than train.problems_per_update="
+                          f"{cfg.train.problems_per_update}; lower it or give more problems (data.path, "
+                          f"data.synthetic_problems, data.max_problems)")
     if eval_problems is None and cfg.eval.every > 0:
         eval_problems = reading("eval.path", cfg.eval.path, load_eval_problems, cfg.data, cfg.eval)
+    out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- model, task ----------------------------------------------------------------------------------------
     if policy is None:
         from atmanrl.model import load
 
@@ -213,7 +215,7 @@ def check_lengths(cfg: RunConfig, policy) -> None:
     """Generation lengths within the model's context (``max_position_embeddings``), before any rollout."""
     limit = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
     for key, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-                       ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens if cfg.eval.every > 0 else None)):
         if limit is not None and value is not None and value >= limit:
             raise ConfigError(f"{key}={value} leaves no room for the prompt in the model's context of {limit} "
                               f"positions (max_position_embeddings of {cfg.model.name_or_path}); lower it")
