@@ -26,8 +26,8 @@ Progress goes to stderr; the tables to stdout.
 
 Defaults: on a GPU, ``--n 8 --k 4 --max-new-tokens 1024`` (the training length). On a CPU, where SmolLM2 rarely
 writes ``#####`` and a sample would run the whole 1024 tokens, the defaults are ``CPU_DEFAULTS`` (``--n 4 --k 2
---max-new-tokens 128``), about a minute on two cores (measured in benchmarks/README.md); the script says so when it
-uses them, and any of the three flags asks for more.
+--max-new-tokens 128 --threads 1``: one thread, because two threads on two shared cores ran about three times
+slower than one), about a minute; the script says so when it uses them, and the flags ask for more.
 
 Every argument is checked before a model is loaded (numbers, ``--device``, ``--out``, ``--filler``, ``--data``,
 ``--task``, ``--compare``'s files); a user error ends with one sentence and exit code 2. A model whose weights hold
@@ -45,10 +45,10 @@ import torch
 
 from atmanrl.config import EvalConfig, RolloutConfig, UserError, device_arg, number_arg, text_arg
 
-# The defaults on a CPU: about a minute on two cores (benchmarks/README.md); on a GPU: GPU_DEFAULTS.
-CPU_DEFAULTS = {"n": 4, "k": 2, "max_new_tokens": 128}
-GPU_DEFAULTS = {"n": 8, "k": 4, "max_new_tokens": RolloutConfig.max_new_tokens}
-FLAGS = {"n": "--n", "k": "--k", "max_new_tokens": "--max-new-tokens"}
+# The defaults on a CPU (about a minute); on a GPU, GPU_DEFAULTS (threads: torch's choice).
+CPU_DEFAULTS = {"n": 4, "k": 2, "max_new_tokens": 128, "threads": 1}
+GPU_DEFAULTS = {"n": 8, "k": 4, "max_new_tokens": RolloutConfig.max_new_tokens, "threads": None}
+FLAGS = {"n": "--n", "k": "--k", "max_new_tokens": "--max-new-tokens", "threads": "--threads"}
 
 
 def output_paths(out: str) -> tuple[Path, Path]:
@@ -105,7 +105,7 @@ def parse_args(argv=None):
                     help="sequences per generate call")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the decode step is compiled on CUDA)")
     ap.add_argument("--threads", type=number_arg(int, "torch CPU threads", 1), default=None,
-                    help="torch CPU threads (default: torch's choice)")
+                    help="torch CPU threads (default on a CPU: 1; on a GPU: torch's choice)")
     ap.add_argument("--label", type=text_arg("--label"), default=None,
                     help="row label in the table (default: the model name)")
     ap.add_argument("--out", type=text_arg("--out"), default="runs/eval/results.json",
@@ -132,16 +132,17 @@ def parse_args(argv=None):
 
 
 def apply_defaults(args, device) -> None:
-    """``--n``, ``--k``, ``--max-new-tokens`` left out: the CPU or the GPU default, and a note when the short CPU
-    default is used, so that nobody mistakes it for the paper's setting."""
+    """``--n``, ``--k``, ``--max-new-tokens``, ``--threads`` left out: the CPU or the GPU default, and a note when
+    the short CPU default is used, so that nobody mistakes it for the paper's setting."""
     defaults = CPU_DEFAULTS if device.type == "cpu" else GPU_DEFAULTS
     used = [name for name in defaults if getattr(args, name) is None]
     for name in used:
         setattr(args, name, defaults[name])
     if device.type == "cpu" and used:
-        print(f"[eval] CPU default: {' '.join(f'{FLAGS[n]} {defaults[n]}' for n in used)} (about a minute on two "
-              f"cores); ask for more with {', '.join(FLAGS[n] for n in used)} (the paper: --data test.jsonl --n 500 "
-              f"--k 4 --max-new-tokens 1024, on a GPU)", file=sys.stderr)
+        more = " (--faithfulness takes a few minutes more)" if args.faithfulness else ""
+        print(f"[eval] CPU default: {' '.join(f'{FLAGS[n]} {defaults[n]}' for n in used)}, about a minute{more}; "
+              f"ask for more with {', '.join(FLAGS[n] for n in used)} (the paper: --data test.jsonl --n 500 --k 4 "
+              f"--max-new-tokens 1024, on a GPU)", file=sys.stderr)
 
 
 def read_results(path: str) -> dict:

@@ -130,8 +130,8 @@ def main(argv=None) -> int:
 
 def explain(args) -> Path:
     device = device_arg("--device", args.device)
-    html_path, png_path = output_paths(args.out)
     cot_text(args.completion)  # before the model loads
+    html_path, png_path = output_paths(args.out)
     model, tokenizer = load_model(args.model, device)
     x, cot_tokens = build_input(tokenizer, args.question, args.completion, args.answer)
     steps = args.steps if args.steps is not None else PAPER_STEPS if device.type != "cpu" else CPU_STEPS

@@ -565,6 +565,10 @@ def main(argv=None) -> int:
     except PartFailed as e:
         log(f"error: {e}")
         return 1
+    except OSError as e:
+        log(f"error: cannot use {e.filename or 'a file'} ({e.strerror or e}); free space or fix its permissions, "
+            "then run again with --reuse (finished parts are kept)")
+        return 2
 
 
 def reproduce(args, argv: list[str]) -> int:

@@ -140,7 +140,8 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     for row in rows:
         cells = [str(row["cell"]), *[str(row["grid"][k]) for k in keys], str(row["updates"])]
         cells += ["–" if row[key] is None else f"{row[key]:.{d}f}" for key, _, d in COLUMNS]
-        cells += ["–" if row.get("eval_accuracy") is None else f"{row['eval_accuracy']:.3f}", f"{row['seconds']:.0f} s"]
+        accuracy = row.get("eval_accuracy")
+        cells += ["–" if accuracy is None else f"{accuracy:.3f}", f"{row['seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

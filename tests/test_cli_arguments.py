@@ -189,17 +189,18 @@ def test_eval_cpu_defaults_are_short_and_say_how_to_ask_for_more(capsys):
     eval_script = script("eval_gsm8k")
     args = eval_script.parse_args([])
     eval_script.apply_defaults(args, torch.device("cpu"))
-    assert (args.n, args.k, args.max_new_tokens) == (4, 2, 128)
+    assert (args.n, args.k, args.max_new_tokens, args.threads) == (4, 2, 128, 1)
     err = capsys.readouterr().err
-    assert "CPU default: --n 4 --k 2 --max-new-tokens 128" in err and "ask for more with --n, --k, --max-new-tokens" \
-        in err
-    args = eval_script.parse_args(["--n", "500", "--max-new-tokens", "1024"])
+    assert "CPU default: --n 4 --k 2 --max-new-tokens 128 --threads 1, about a minute" in err
+    assert "ask for more with --n, --k, --max-new-tokens, --threads" in err
+    args = eval_script.parse_args(["--n", "500", "--max-new-tokens", "1024", "--threads", "2", "--faithfulness"])
     eval_script.apply_defaults(args, torch.device("cpu"))
-    assert (args.n, args.k, args.max_new_tokens) == (500, 2, 1024)  # what was asked for stays
-    assert "CPU default: --k 2 " in capsys.readouterr().err
+    assert (args.n, args.k, args.max_new_tokens, args.threads) == (500, 2, 1024, 2)  # what was asked for stays
+    assert "CPU default: --k 2, about a minute (--faithfulness takes a few minutes more)" in capsys.readouterr().err
     args = eval_script.parse_args([])
     eval_script.apply_defaults(args, torch.device("cuda"))
-    assert (args.n, args.k, args.max_new_tokens) == (8, 4, 1024) and capsys.readouterr().err == ""
+    assert (args.n, args.k, args.max_new_tokens, args.threads) == (8, 4, 1024, None)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("out, json_name, md_name", [("res.md", "res.json", "res.md"),
@@ -401,7 +402,7 @@ def test_plot_run_draws_a_run_killed_mid_line(tmp_path, capsys):
     run = _metrics(tmp_path / "run", '{"update": 1, "accuracy": 0.5, "completion_len": 9}\n',
                    '{"update": 2, "accuracy": 0.6, "completion_len": 8}\n', '{"update": 3, "accur')
     with pytest.warns(UserWarning, match=r"metrics\.jsonl, line 3: dropping a partial last record"):
-        code, err = run_plot(["--out", str(tmp_path / "f.png"), str(run)], capsys)
+        code, _ = run_plot(["--out", str(tmp_path / "f.png"), str(run)], capsys)
     assert code == 0 and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -535,8 +536,8 @@ def _earlier_run(out: Path, marker: bool = True) -> Path:
 @pytest.mark.parametrize("overrides, marker, message", [
     (["data.task=gsm9k"], True, "unknown task 'gsm9k'; valid tasks are: gsm8k, toyworld"),
     ([], True, "holds an earlier run"),
-    (["checkpoint.overwrite=true"], False, "not an atmanrl run (config.json, metrics.jsonl): it has no "
-                                           "atmanrl-run.json"),
+    (["checkpoint.overwrite=true"], False, ("not an atmanrl run (config.json, metrics.jsonl): it has no "
+                                            "atmanrl-run.json")),
 ])
 def test_train_script_states_run_errors_without_a_traceback(overrides, marker, message, tmp_path, capsys,
                                                             no_model):

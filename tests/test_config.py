@@ -261,7 +261,8 @@ def test_a_base_chain_merges_sections_key_by_key(tmp_path):
 @pytest.mark.parametrize("files, top, message", [
     ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "a.yaml", r"a\.yaml: its base chain comes back to it"),
     ({"a.yaml": "base: missing.yaml\n"}, "a.yaml", r"missing\.yaml does not exist \(the base of .*a\.yaml\)"),
-    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train:\n  lrr: 1\n"}, "a.yaml", r"b\.yaml: unknown config key 'train\.lrr'"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train:\n  lrr: 1\n"}, "a.yaml",
+     r"b\.yaml: unknown config key 'train\.lrr'"),
     ({"a.yaml": "base: b.yaml\ntrain:\n  lr: -1\n", "b.yaml": "{}\n"}, "a.yaml", r"a\.yaml: train\.lr=-1\.0 must be"),
     ({"a.yaml": "base: 5\n"}, "a.yaml", r"a\.yaml: base: must name another config file"),
 ])

@@ -114,7 +114,8 @@ def test_overwrite_deletes_only_what_the_run_wrote_and_lists_what_it_kept(tmp_pa
     err = capsys.readouterr().err
     assert "checkpoint.overwrite: deleted the earlier run" in err
     assert "kept NOTES.md, checkpoints/README, policy/notes.txt, which atmanrl did not write" in err
-    assert (tmp_path / "NOTES.md").read_text() == "mine" and (tmp_path / "policy" / "notes.txt").read_text() == "and this"
+    assert (tmp_path / "NOTES.md").read_text() == "mine"
+    assert (tmp_path / "policy" / "notes.txt").read_text() == "and this"
     assert sorted(p.name for p in (tmp_path / "policy").iterdir()) == ["notes.txt"]  # the old export is gone
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["README", "step_1"]
     assert _updates(tmp_path) == [1]

@@ -114,8 +114,8 @@ def text_arg(name: str, empty: bool = True):
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
-            raise argparse.ArgumentTypeError(
-                "not UTF-8 text" + (f" (byte 0x{byte:02x})" if byte is not None else "") + "; pass UTF-8 text") from None
+            which = f" (byte 0x{byte:02x})" if byte is not None else ""
+            raise argparse.ArgumentTypeError(f"not UTF-8 text{which}; pass UTF-8 text") from None
         if not empty and not text.strip():
             raise argparse.ArgumentTypeError(f"{name} must not be empty")
         return text

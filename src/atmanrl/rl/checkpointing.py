@@ -295,8 +295,8 @@ def load(path: str | Path, model, optimizer) -> dict:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     bad = nonfinite_parameters(model) + [f"optimizer state {n}" for n in nonfinite_optimizer_state(optimizer)]
     if bad:
-        raise CorruptCheckpointError(f"{path} holds NaN/inf values ({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})"
-                                     "; training from it would only spread them")
+        shown = ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        raise CorruptCheckpointError(f"{path} holds NaN/inf values ({shown}); training from it would only spread them")
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: those ranks keep their seed
         try:
