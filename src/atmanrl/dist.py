@@ -8,8 +8,13 @@ What is notable here:
   embedding, final norm and LM head, tied or not, live in the root group). On GPU the forward/backward run in
   bf16 with fp32 master weights and fp32 gradient reduction (``MixedPrecisionPolicy``); on CPU there is no mixed
   precision.
-- Gradients are SUMMED over ranks (gradient divide factor 1 on every FSDP module): the trainer divides each rank's
-  loss by the *global* number of rollouts, so the sum is exactly the single-process gradient.
+- Gradients are SUMMED over ranks: the trainer divides each rank's loss by the *global* number of rollouts, so
+  the sum is exactly the single-process gradient. FSDP2 would average (``ReduceOp.AVG``); a divide factor of 1
+  alone turns that into ``ReduceOp.PREMUL_SUM(1.0)``, an NCCL-only op that gloo refuses ("Cannot use
+  ReduceOp.PREMUL_SUM with Gloo") for float32/bf16 gradients. So ``shard`` also forces sum-only collectives: the
+  reduce-scatter is a plain ``ReduceOp.SUM`` on both backends, and FSDP2's post-division by the factor 1 is
+  skipped (no extra kernel). On NCCL a plain SUM is the fast case (no custom PreMulSum op to create, zero-copy
+  capable). Both setters exist from torch 2.8 on.
 - ``gather_into()`` copies the full (unsharded) parameters into a plain, unsharded ``Llama`` -- the inference copy
   used for rollouts and the saliency mask. Why not generate with the sharded module itself? Every FSDP2 forward
   all-gathers, so every rank would have to run exactly the same number of forward calls: a rank whose rollouts all
@@ -104,6 +109,7 @@ def shard(model: nn.Module, mixed_precision: bool = True) -> nn.Module:
     for m in model.modules():  # sum, not average, over ranks: the loss is already divided by the global count
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM, not PREMUL_SUM(1.0): gloo has no PREMUL_SUM
     return model
 
 
