@@ -13,10 +13,11 @@ float32 Llama of test_trainer, rewards that vary (so every update runs backwards
   the bit equality on other hardware, AdamW turns a rounding-level change of a near-zero gradient entry into an
   lr-sized step there: then compare the losses tightly and the weights to a few lr.
 - Saliency reward on (3 mask steps), W = 1, 2, 4 processes x problems_per_update 1, 2, 8 (so P < W too: a group
-  is split over ranks), SGD, 2 updates. Every rank optimises the masks of an equal share of the answered
-  rollouts, a batch shape that depends on W, so the rewards agree to float32 rounding, not bit for bit. Measured
-  max difference 7e-7 on the per-rollout saliency rewards (of magnitude ~3e-3), 2.4e-7 on the weights (which
-  moved by 1.5e-3 to 6e-2). Pinned: 5e-6 and 2e-6.
+  is split over ranks), and one group of 3 (shares of unequal size, one empty); SGD, 2 updates. Every rank
+  optimises the masks of an equal share of the answered rollouts, a batch shape that depends on W, so the rewards
+  agree to float32 rounding, not bit for bit. Measured max difference 7e-7 on the per-rollout saliency rewards
+  (of magnitude ~3e-3), 2.4e-7 on the weights (which moved by 7e-4 to 6e-2). Pinned: 5e-6 and 2e-6.
+- The whole file: ~45 s on 2 busy cores (three torchrun launches' worth of start-up is most of it).
 """
 
 import json
@@ -48,6 +49,10 @@ SALIENCY = {  # the masks spread over ranks: 1 vs 2 vs 4 processes, whatever pro
                        "train.max_updates=2", "rollout.max_new_tokens=3", "saliency.weight=1", "saliency.steps=3"]
     for p in (1, 2, 8)
 }
+# 3 rollouts, micro-batches of 1: shares 1 + 2 on 2 ranks, 0 + 1 + 1 + 1 on 4 (rank 0 then draws, masks and
+# trains nothing, yet takes part in every FSDP forward)
+SALIENCY["saliency_uneven"] = [*SALIENCY["saliency_p1"], "rollout.group_size=3", "train.num_minibatches=1",
+                               "train.micro_batch_size=1"]
 
 WORKER = textwrap.dedent("""
     import sys
@@ -162,11 +167,13 @@ def test_two_processes_train_like_one_in_float32(runs, optimizer):
 
 @pytest.mark.parametrize("name", list(SALIENCY))
 def test_masks_spread_over_ranks_give_the_same_rewards_and_policy(runs, name):
-    """W = 1, 2, 4 processes, also with fewer problems per update than processes (problems_per_update 1 and 2)."""
+    """W = 1, 2, 4 processes, also with fewer problems per update than processes (problems_per_update 1 and 2)
+    and with shares of unequal size, one of them empty."""
     rewards = {w: json.loads((runs / f"w{w}" / name / "saliency.json").read_text()) for w in (1, 2, 4)}
     params = {w: _params(runs / f"w{w}" / name) for w in (1, 2, 4)}
-    p = SALIENCY[name][0].split("=")[1]
-    assert [len(u) for u in rewards[1]] == [int(p) * 8] * 2  # every rollout of both updates has its reward
+    cfg = tiny_config("unused", *SALIENCY[name])
+    n = cfg.train.problems_per_update * cfg.rollout.group_size
+    assert [len(u) for u in rewards[1]] == [n] * 2  # every rollout of both updates has its reward
     assert len({x for u in rewards[1] for x in u}) > 1  # the rewards vary: groups are not zero-variance
     for w in (2, 4):
         assert [len(u) for u in rewards[w]] == [len(u) for u in rewards[1]]
@@ -177,16 +184,26 @@ def test_masks_spread_over_ranks_give_the_same_rewards_and_policy(runs, name):
     assert _max_diff(params[1], tiny_policy().state_dict()) > 5e-4  # the runs did train, far beyond the tolerance
 
 
-def test_fewer_problems_than_processes_validate():
-    """problems_per_update below the number of processes is fine; a share that is not a whole number of rollouts
-    per minibatch is refused with the keys to change."""
-    cfg = tiny_config("unused", "train.problems_per_update=1")  # 8 rollouts, 2 minibatches
-    for world in (1, 2, 4):
-        trainer.validate(cfg, world)
-    with pytest.raises(ValueError, match=r"8 rollouts .* over 8 process\(es\) x train.num_minibatches=2"):
-        trainer.validate(cfg, 8)
-    with pytest.raises(ValueError, match="over 3 process"):
-        trainer.validate(cfg, 3)
+@pytest.mark.parametrize("n, M, mb", [(64, 2, 8), (8, 2, 1), (3, 1, 1), (64, 2, 1), (6, 2, 4)])
+def test_minibatches_are_the_same_for_any_number_of_ranks(n, M, mb):
+    """Over the ranks' shares, minibatch m is every rollout with global index m mod M, for any world size (the
+    paper's 64 rollouts on 48 GPUs, more ranks than rollouts); every rank runs the same number of micro-batches,
+    enough for the rank with the most rollouts in that minibatch."""
+    for world in (1, 2, 3, 4, 8, 48, 100):
+        per_rank = [trainer.minibatch_rows(n, M, mb, rank, world) for rank in range(world)]
+        assert len({tuple(slots) for _, slots in per_rank}) == 1  # the same count on every rank
+        slots = per_rank[0][1]
+        for m in range(M):
+            glob = [dist.share(n, rank, world).start + i for rank, (rows, _) in enumerate(per_rank) for i in rows[m]]
+            assert glob == list(range(m, n, M))
+            assert slots[m] == max(-(-len(rows[m]) // mb) for rows, _ in per_rank)
+    assert trainer.minibatch_rows(8, 2, 1, 0, 1) == ([[0, 2, 4, 6], [1, 3, 5, 7]], [4, 4])
+
+
+def test_problems_per_update_is_checked_against_minibatches_only():
+    trainer.validate(tiny_config("unused", "train.problems_per_update=1"))  # 8 rollouts, 2 minibatches
+    with pytest.raises(ValueError, match=r"3 rollouts .* train.num_minibatches=2"):
+        trainer.validate(tiny_config("unused", "train.problems_per_update=1", "rollout.group_size=3"))
 
 
 @pytest.fixture

@@ -23,12 +23,12 @@ completions; ``data.task`` picks one from atmanrl/data/tasks.py, or a caller pas
 Distributed notes (see also atmanrl/dist.py):
 - Every rank holds all of the update's rollouts after step 2 and computes the rewards and advantages of all
   groups (a group may have been drawn on two ranks), but trains on its own share only: the contiguous block of
-  rollouts it drew, an equal share for every rank, whatever ``problems_per_update`` is (it may be smaller than
-  the number of ranks).
-- Minibatch ``m`` holds the rollouts whose global index is ``m`` modulo ``num_minibatches`` (strided, so every
-  minibatch sees every problem). Because each rank owns a contiguous block of rollouts whose length is a multiple
-  of ``num_minibatches``, that is "local index ``m`` modulo ``num_minibatches``" on every rank: the same global
-  minibatch for any world size.
+  rollouts it drew (``dist.share``: equal up to one rollout), whatever ``problems_per_update`` and the number of
+  ranks are (the paper's 64 rollouts on 48 GPUs: 1 or 2 per rank; more ranks than rollouts: some have none).
+- Minibatch ``m`` holds the rollouts whose GLOBAL index is ``m`` modulo ``num_minibatches`` (strided, so every
+  minibatch sees every problem); a rank trains on those of its share. So the minibatches are the same for any
+  world size. FSDP2 needs every rank to run the same forwards: a rank with fewer micro-batches in a minibatch
+  than another makes up the difference with forwards whose backward adds exactly 0 (``_zero_backward``).
 - Each rank's loss is divided by the GLOBAL number of rollouts in the minibatch and FSDP sums gradients over
   ranks, so the gradient equals the single-process one (tests/test_distributed.py).
 - Rollouts, the saliency masks and the held-out evaluation run on a plain, unsharded copy of the policy,
@@ -70,19 +70,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def validate(cfg: RunConfig, world_size: int) -> None:
+def validate(cfg: RunConfig) -> None:
     """Shapes the loop relies on; each error says which key to change.
 
-    Every rank trains on an equal contiguous share of the update's rollouts, a whole number of them per
-    minibatch (so that all ranks run the same number of FSDP forwards and the strided minibatches are the same
-    for any number of ranks)."""
+    Nothing here depends on the number of processes: the rollouts are shared out over any number of ranks (see
+    the module docstring)."""
     t, G = cfg.train, cfg.rollout.group_size
     task_entry(cfg.data.task)  # an unknown task fails here, before a model is loaded
     n = t.problems_per_update * G
-    if n % (world_size * t.num_minibatches):
+    if n % t.num_minibatches:
         raise ValueError(f"an update's {n} rollouts (train.problems_per_update x rollout.group_size) must split "
-                         f"evenly over {world_size} process(es) x train.num_minibatches={t.num_minibatches}; "
-                         f"change one of these keys or the number of processes")
+                         f"into train.num_minibatches={t.num_minibatches} equal minibatches; change one of these "
+                         f"keys")
 
 
 @dataclass
@@ -129,7 +128,7 @@ def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task 
               problems: list | None = None, eval_problems: list | None = None) -> Run:
     """The set-up of ``train``, in order; each argument left None comes from the config."""
     d = dist.init()
-    validate(cfg, d.world_size)
+    validate(cfg)
     out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
     torch.manual_seed(cfg.train.seed)
 
@@ -363,6 +362,28 @@ def _carries_signal(chunk: list[Rollout]) -> bool:
     return bool(dist.all_reduce(local, "max").item())
 
 
+def minibatch_rows(n: int, M: int, mb: int, rank: int, world: int) -> tuple[list[list[int]], list[int]]:
+    """(rank ``rank``'s rollouts of each minibatch, as indices into its share; the micro-batches every rank runs
+    per minibatch) for an update of ``n`` rollouts in ``M`` strided minibatches, micro-batches of ``mb``.
+
+    The count is the largest over all ranks (every rank knows every share, so no communication): shares may
+    differ by one rollout, or be empty."""
+
+    def local(share: range, m: int) -> list[int]:
+        return [i - share.start for i in share if i % M == m]
+
+    rows = [local(dist.share(n, rank, world), m) for m in range(M)]
+    slots = [max(math.ceil(len(local(dist.share(n, r, world), m)) / mb) for r in range(world)) for m in range(M)]
+    return rows, slots
+
+
+def _zero_backward(policy, pad_id: int) -> None:
+    """A forward and backward that adds exactly 0 to every gradient, for a rank with no rollouts in a micro-batch
+    that other ranks compute: FSDP2's all-gathers and reduce-scatters need every rank."""
+    logp, _ = sequence_logprobs(policy, [[pad_id]], [[pad_id]])
+    (logp.sum() * 0.0).backward()
+
+
 def policy_update(run: Run, rollouts: list[Rollout]) -> tuple[list[float], LossStats, list[float]]:
     """``ppo_epochs`` passes of ``num_minibatches`` AdamW steps over this rank's share of the rollouts (Eq. 5).
 
@@ -376,25 +397,30 @@ def policy_update(run: Run, rollouts: list[Rollout]) -> tuple[list[float], LossS
     M, mb = t.num_minibatches, t.micro_batch_size
     global_count = t.problems_per_update * cfg.rollout.group_size // M  # rollouts per minibatch, all ranks
     ref_logp = reference_logprobs(run.reference, rollouts, cfg, pad_id) if run.reference is not None else None
+    minibatches, slots = minibatch_rows(t.problems_per_update * cfg.rollout.group_size, M, mb, run.d.rank,
+                                        run.d.world_size)  # strided by global index: see the module docstring
     policy.train()
     losses, grad_norms, stats = [], [], LossStats()
-    micro_batches = t.ppo_epochs * sum(math.ceil(len(range(m, len(rollouts), M)) / mb) for m in range(M))
     optimizer.zero_grad(set_to_none=True)  # nothing may leak in from the rollout/saliency phase
-    with Progress("policy update", micro_batches, "micro-batches") as progress:
+    with Progress("policy update", t.ppo_epochs * sum(slots), "micro-batches") as progress:
         for _ in range(t.ppo_epochs):
             for m in range(M):
-                rows = list(range(m, len(rollouts), M))  # strided minibatch: see the module docstring
                 step_loss = torch.zeros((), dtype=torch.float64)
-                for s in range(0, len(rows), mb):
-                    chunk = [rollouts[i] for i in rows[s:s + mb]]
+                for s in range(slots[m]):
+                    rows = minibatches[m][s * mb:(s + 1) * mb]
+                    chunk = [rollouts[i] for i in rows]
                     if g.kl_beta == 0 and not _carries_signal(chunk):
                         progress.advance()
                         continue  # all advantages 0 on every rank: the gradient is exactly 0, skip the forward
+                    if not chunk:  # other ranks have rollouts here
+                        _zero_backward(policy, pad_id)
+                        progress.advance()
+                        continue
                     logp, mask = sequence_logprobs(policy, [r.prompt for r in chunk], [r.completion for r in chunk],
                                                    temperature=cfg.rollout.temperature, pad_id=pad_id)
                     width = logp.shape[1]
                     logp_old = _pad([r.logp_old for r in chunk], width, device)
-                    ref = _pad([ref_logp[i] for i in rows[s:s + mb]], width, device) if ref_logp is not None else None
+                    ref = _pad([ref_logp[i] for i in rows], width, device) if ref_logp is not None else None
                     adv = torch.tensor([r.advantage for r in chunk], device=device)
                     loss, st = grpo_loss(logp, logp_old, mask, adv, eps=g.eps, ratio=g.ratio, count=global_count,
                                          ref_logp=ref, kl_beta=g.kl_beta)
