@@ -17,7 +17,6 @@ float32 Llama of test_trainer, rewards that vary (so every update runs backwards
   optimises the masks of an equal share of the answered rollouts, a batch shape that depends on W, so the rewards
   agree to float32 rounding, not bit for bit. Measured max difference 7e-7 on the per-rollout saliency rewards
   (of magnitude ~3e-3), 2.4e-7 on the weights (which moved by 7e-4 to 6e-2). Pinned: 5e-6 and 2e-6.
-- The whole file: ~45 s on 2 busy cores (three torchrun launches' worth of start-up is most of it).
 """
 
 import json
