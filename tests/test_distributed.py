@@ -3,7 +3,7 @@
 The global batch does not depend on the world size (per-rollout sampling seeds, contiguous rollout shares per rank,
 strided minibatches) and each rank's loss is divided by the global rollout count with gradients summed by FSDP2
 (a plain ``ReduceOp.SUM``: gloo has no ``PREMUL_SUM``), so one process and several must agree. All runs: the tiny
-float32 Llama of test_trainer, rewards that vary (so every update runs backwards), 1 intra-op thread.
+float32 Llama of tests/tiny.py, rewards that vary (so every update runs backwards), 1 intra-op thread.
 
 - Outcome reward only, 3 updates x 2 passes x 2 minibatches (12 optimizer steps), 2 processes vs 1. Each rank's
   share of a minibatch is one micro-batch, and one process splits its minibatch into the same two micro-batches,
@@ -29,13 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
+from tiny import TinyTask, tiny_config, tiny_policy
 
 from atmanrl import dist
 from atmanrl.model import load_hf
 from atmanrl.model.generate import generate, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
 from atmanrl.rl import trainer
-from test_trainer import TinyTask, tiny_config, tiny_policy
 
 TESTS = Path(__file__).resolve().parent
 
@@ -244,7 +245,7 @@ def test_bf16_sampler_logprobs_match_the_mixed_precision_policy(one_rank_group):
     rounded = dist.inference_copy(policy, torch.bfloat16).eval()
     rounded.inv_freq = rounded.inv_freq.bfloat16()  # the old behaviour of .to(bfloat16)
     sharded = dist.shard(policy, torch.bfloat16)
-    assert dist.is_sharded(sharded)
+    assert isinstance(sharded, FSDPModule)
 
     def mean_error(model) -> float:
         with torch.no_grad():

@@ -92,12 +92,6 @@ def shutdown() -> None:
     _INFO = None
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def shard(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, then the root. A no-op without a process group.
 

@@ -5,8 +5,8 @@ inference copies, FSDP2 sharding, optimizer, resume) and returns a ``Run``; ``tr
 One update:
   1. take the next ``problems_per_update`` problems of the epoch's shuffled order;
   2. roll out G completions per problem with the inference copy of the policy, recording ``logp_old``; each rank
-     draws a contiguous equal share of the update's rollouts, then they are gathered on every rank (the global
-     batch does not depend on the number of ranks);
+     draws a contiguous share of the update's rollouts (equal up to one), then they are gathered on every rank
+     (the global batch does not depend on the number of ranks);
   3. outcome reward, Eq. 4;
   4. saliency reward, Eq. 2-3 (an AtMan mask optimised per answered rollout, each rank an equal share of them in
      one ``saliency`` call, the results gathered back; skipped entirely when its weight is 0, which is the
@@ -15,10 +15,10 @@ One update:
   6. ``ppo_epochs`` passes over the rollouts, each in ``num_minibatches`` optimizer steps: recompute log-probs,
      clipped objective (Eq. 5), backward, optional gradient clipping, AdamW step;
   7. one JSON line of metrics (metrics.jsonl, atmanrl/rl/metrics.py), an update line on rank 0, a checkpoint
-     every N updates. Inside a long phase rank 0 also prints progress (atmanrl/rl/progress.py).
+     every N updates. Inside a long phase rank 0 also prints progress (atmanrl/progress.py).
 
 The loop knows nothing about its task: a ``Task`` (atmanrl/rl/rollout.py) turns problems into prompts and judges
-completions; ``data.task`` picks one from atmanrl/data/tasks.py, or a caller passes its own.
+completions; ``data.task`` picks one from atmanrl/tasks/registry.py, or a caller passes its own.
 
 Distributed notes (see also atmanrl/dist.py):
 - Every rank holds all of the update's rollouts after step 2 and computes the rewards and advantages of all
@@ -50,14 +50,15 @@ import torch
 
 from atmanrl import dist
 from atmanrl.config import DTYPES, RunConfig
-from atmanrl.data.tasks import load_eval_problems, load_problems, make_task, task_entry
 from atmanrl.eval.training_eval import append_heldout, evaluate_heldout
 from atmanrl.model.generate import sequence_logprobs
+from atmanrl.progress import Progress, hms
 from atmanrl.rl import checkpointing, rundir
 from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
 from atmanrl.rl.metrics import update_record
-from atmanrl.rl.progress import Progress, hms
-from atmanrl.rl.rollout import Rollout, Task, rollout_update
+from atmanrl.rl.rollout import Rollout, rollout_update
+from atmanrl.tasks import Task
+from atmanrl.tasks.registry import load_eval_problems, load_problems, make_task, task_entry
 
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up: the built run
