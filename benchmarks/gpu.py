@@ -162,7 +162,7 @@ def bench_decode(model: Llama, args, fig: dict) -> list[dict]:
     hf = None
     try:
         sys.path.insert(0, str(REPO / "tests"))
-        from hf_reference import hf_twin
+        from references import hf_twin
 
         hf = hf_twin(model)
     except ImportError as e:

@@ -15,10 +15,10 @@ so the two files never share a path. Both paths are checked for writing before t
 replacement, saliency agreement) on one CoT per problem (the first sample that wrote ``#####``, else the first
 sample): their per-sample records go into the JSON (``"faithfulness"``) and their summary into a second table.
 
-``--task NAME`` (with ``--faithfulness``) runs the faithfulness tests on another task of the trainer's task registry
-(``atmanrl.data.tasks``) whose completions have the same CoT / ``#####`` / number layout, e.g. the toy world's
-policies: one CoT is sampled per problem through the task's own prompt, and Table 1 (a GSM8K table) is skipped.
-``--filler`` names the filler text for a vocabulary without ``...``.
+``--task NAME`` evaluates on another task of the task registry (``atmanrl.tasks.registry``), e.g. the toy world's
+policies with ``--task toyworld --model runs/cpu_default/policy``: Table 1 as for GSM8K, through the task's own
+prompt and judgement. With ``--faithfulness`` one CoT per problem is sampled for the tests (its own seeds, one per
+problem); ``--filler`` names the filler text for a vocabulary without ``...``.
 
 ``--compare`` reads two such files (baseline first) and prints Table 1 with the relative and percentage-point
 changes, as the paper shows it, and the faithfulness table of both arms when both files have one.
@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from atmanrl.config import EvalConfig, RolloutConfig, UserError, device_arg, number_arg, text_arg
+from atmanrl.tasks.registry import TASKS
 
 # The defaults on a CPU (about a minute); on a GPU, GPU_DEFAULTS (threads: torch's choice).
 CPU_DEFAULTS = {"n": 4, "k": 2, "max_new_tokens": 128, "threads": 1}
@@ -112,8 +113,7 @@ def parse_args(argv=None):
                     help="NAME.json or NAME.md: writes NAME.json (every sample) and NAME.md (the tables)")
     ap.add_argument("--faithfulness", action="store_true",
                     help="also run the faithfulness tests (atmanrl.eval.faithfulness) on one CoT per problem")
-    ap.add_argument("--task", default="gsm8k",
-                    help="another task of atmanrl.data.tasks to run the faithfulness tests on (needs --faithfulness)")
+    ap.add_argument("--task", default="gsm8k", help="the task of atmanrl.tasks.registry to evaluate on (gsm8k, toyworld)")
     ap.add_argument("--filler", type=text_arg("--filler", empty=False), default="...",
                     help="filler text of the filler-replacement test (default: ...)")
     ap.add_argument("--saliency-steps", type=number_arg(int, "mask steps", 1), default=20,
@@ -126,8 +126,8 @@ def parse_args(argv=None):
     ap.add_argument("--compare", nargs=2, type=text_arg("--compare"), metavar=("BASELINE_JSON", "ATMANRL_JSON"),
                     help="print Table 1 for two result files, with relative changes against the first")
     args = ap.parse_args(argv)
-    if args.task != "gsm8k" and not args.faithfulness:
-        ap.error(f"argument --task: --task {args.task} runs only the faithfulness tests; add --faithfulness")
+    if args.task not in TASKS:
+        ap.error(f"argument --task: unknown task {args.task!r}; valid tasks are: {', '.join(sorted(TASKS))}")
     return args
 
 
@@ -256,49 +256,22 @@ def saliency_config(args):
     return config
 
 
-def task_problems(args) -> list:
-    """``--task NAME``'s held-out problems, drawn before any model loads (an unknown task or a bad ``--data`` is
-    one sentence)."""
-    from atmanrl.config import ConfigError
-    from atmanrl.data import draw_problems
-    from atmanrl.data.tasks import task_entry
+def load_problems(args) -> tuple[list, str]:
+    """``--n`` held-out problems of ``--task`` drawn with ``--seed``: from ``--data``'s file, or generated; read
+    before any model loads, a file that cannot be read (missing, a directory, not UTF-8, bad JSON) is one sentence
+    naming it."""
+    from atmanrl.tasks.gsm8k import draw_problems
+    from atmanrl.tasks.registry import task_entry
 
     try:
-        entry = task_entry(args.task)
-    except ConfigError as e:
-        raise UserError(f"--task: {e}") from None
-    problems = read_data(args, lambda: entry.problems(args.data, args.n, args.seed, True))  # held-out problems
-    return draw_problems(problems, args.n, args.seed) if len(problems) > args.n else problems
-
-
-def read_data(args, read):
-    """``read()`` with a ``--data`` file that cannot be read (missing, a directory, not UTF-8, bad JSON) as one
-    sentence naming it."""
-    try:
-        return read()
-    except (OSError, ValueError) as e:
+        pool = task_entry(args.task).problems(args.data, args.n, args.seed, True)
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
         raise UserError(f"--data {args.data}: {e}") from None
-
-
-def other_task(args, device, json_path: Path, md_path: Path) -> None:
-    """``--task NAME --faithfulness``: one sampled CoT per problem of a registry task, then the faithfulness tests."""
-    from atmanrl.data.tasks import make_task
-    from atmanrl.eval.faithfulness import faithfulness_markdown, task_inputs
-
-    problems = task_problems(args)
-    model, tokenizer = load_model(args, device)
-    answer_layout = layout(args, tokenizer)  # before any sampling
-    task = make_task(args.task, tokenizer)
-    inputs = task_inputs(model, tokenizer, task, problems, answer_layout, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
-    label = args.label or Path(args.model).name
-    faith = run_faithfulness(args, model, tokenizer, inputs)
-    result = {"label": label, "model": args.model, "task": args.task, "data": args.data, "args": vars(args),
-              "faithfulness": faith.to_dict() if faith is not None else None}
-    table = faithfulness_markdown([(label, faith.summary)]) if faith is not None else "(no CoT to test)"
-    write_outputs(json_path, md_path, result, table)
-    print(f"[eval] wrote {json_path} and {md_path}", file=sys.stderr)
-    print(table)
+    if args.data and args.n > len(pool):
+        raise UserError(f"--n {args.n} is more than the {len(pool)} problems in {args.data}; lower --n")
+    problems = draw_problems(pool, args.n, args.seed) if len(pool) > args.n else pool
+    source = str(args.data) if args.data else f"generated by the {args.task} task (seed {args.seed})"
+    return problems, source
 
 
 def write_outputs(json_path: Path, md_path: Path, result: dict, tables: str) -> None:
@@ -327,35 +300,29 @@ def run(args) -> None:
     apply_defaults(args, device)
     json_path, md_path = output_paths(args.out)
     check_writable([json_path, md_path])
-    if args.task != "gsm8k":
-        return other_task(args, device, json_path, md_path)
 
-    from atmanrl.data import build_prompt, draw_problems, make_problems, read_gsm8k
     from atmanrl.eval import evaluate, table1_markdown
+    from atmanrl.tasks.registry import make_task
 
-    if args.data:
-        pool = read_data(args, lambda: read_gsm8k(args.data))
-        if args.n > len(pool):
-            raise UserError(f"--n {args.n} is more than the {len(pool)} problems in {args.data}; lower --n")
-        problems = draw_problems(pool, args.n, args.seed)
-        source = str(args.data)
-    else:
-        problems = make_problems(args.n, seed=args.seed)
-        source = f"synthetic (atmanrl.data.synthetic, seed {args.seed})"
+    problems, source = load_problems(args)
     model, tokenizer = load_model(args, device)
-    if args.faithfulness:
-        layout(args, tokenizer)  # a --filler the vocabulary cannot write stops here, before the sampling
+    answer_layout = layout(args, tokenizer) if args.faithfulness else None  # a bad --filler stops before sampling
+    task = make_task(args.task, tokenizer)
     print(f"[eval] {len(problems)} problems from {source}, k={args.k}, model {args.model}", file=sys.stderr)
-    result = evaluate(model, tokenizer, problems, k=args.k, max_new_tokens=args.max_new_tokens,
+    result = evaluate(model, task, problems, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     label = args.label or Path(args.model).name
-    result = {"label": label, "model": args.model, "data": source, "args": vars(args), **result}
+    result = {"label": label, "model": args.model, "task": args.task, "data": source, "args": vars(args), **result}
     tables = [table1_markdown([(label, result["summary"])])]
 
     if args.faithfulness:
-        from atmanrl.eval.faithfulness import faithfulness_markdown, inputs_from_samples
+        from atmanrl.eval.faithfulness import faithfulness_markdown, inputs_from_samples, task_inputs
 
-        inputs = inputs_from_samples(tokenizer, result["samples"], lambda s: build_prompt(tokenizer, s["question"]))
+        if args.task == "gsm8k":  # one of the Table 1 samples per problem
+            inputs = inputs_from_samples(tokenizer, result["samples"], lambda s: task.prompt(problems[s["problem"]]))
+        else:  # one CoT per problem drawn for the test (seeds per problem), as the measured reports were made
+            inputs = task_inputs(model, tokenizer, task, problems, answer_layout, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
         faith = run_faithfulness(args, model, tokenizer, inputs)
         if faith is not None:
             result["faithfulness"] = faith.to_dict()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from atmanrl.model.checkpoint import load_hf  # noqa: E402
+from atmanrl.model.hf_checkpoint import load_hf  # noqa: E402
 from atmanrl.model.llama import KVCache, Llama, LlamaConfig  # noqa: E402
 
 # Two small configs: GQA in both, llama3 rope scaling with a short original context so that sequences longer than

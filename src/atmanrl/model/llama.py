@@ -8,7 +8,7 @@ What is notable here:
 - Rotary embeddings use the half-split layout of Hugging Face checkpoints (not the interleaved layout of
   llama.cpp / Meta's original code), with the Llama-3 frequency scaling (``rope_type: llama3``).
 - Module and parameter names equal Hugging Face's ``LlamaForCausalLM`` without the ``model.`` prefix, so loading a
-  checkpoint is a rename, not a re-layout (``atmanrl.model.checkpoint``).
+  checkpoint is a rename, not a re-layout (``atmanrl.model.hf_checkpoint``).
 - A KV cache (``KVCache``) lets a forward pass start at any slot: incremental decoding, and the saliency module's
   reuse of a prompt prefix computed once. ``start_pos`` may be a tensor: the forward then writes its slots in place
   and attends over the whole cache (hiding later slots with the causal mask), so every decode step has the same
@@ -283,6 +283,17 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.bfloat16()`` / ``.half()`` cast the parameters but keep the RoPE frequencies at
+        least float32, as FSDP2's mixed precision does (it casts parameters, not buffers). In bf16, ``inv_freq``
+        is off by up to 2^-9 relative: a phase error of ~1 rad at position 700 on the faster frequencies, so a bf16
+        copy (the trainer's sampler) would not compute the log-probs of the policy it samples for."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype.is_floating_point and torch.finfo(self.inv_freq.dtype).bits < 32:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)  # the unrounded values
+        return self
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random initialisation (normal(0, std) matrices, unit norms) for tests and benchmarks."""
