@@ -113,7 +113,8 @@ def parse_args(argv=None):
                     help="NAME.json or NAME.md: writes NAME.json (every sample) and NAME.md (the tables)")
     ap.add_argument("--faithfulness", action="store_true",
                     help="also run the faithfulness tests (atmanrl.eval.faithfulness) on one CoT per problem")
-    ap.add_argument("--task", default="gsm8k", help="the task of atmanrl.tasks.registry to evaluate on (gsm8k, toyworld)")
+    ap.add_argument("--task", default="gsm8k",
+                    help="the task of atmanrl.tasks.registry to evaluate on (gsm8k, toyworld)")
     ap.add_argument("--filler", type=text_arg("--filler", empty=False), default="...",
                     help="filler text of the filler-replacement test (default: ...)")
     ap.add_argument("--saliency-steps", type=number_arg(int, "mask steps", 1), default=20,

@@ -48,8 +48,8 @@ COMPLETION = (
 )
 ANSWER = "10"
 DELIMITER = "#####"
-PAPER_STEPS, PAPER_LR = 200, 1e-3
-CPU_STEPS = 20  # compressed schedule: lr scaled by PAPER_STEPS / CPU_STEPS
+PAPER_STEPS, PAPER_LR = SaliencyConfig().steps, SaliencyConfig().lr  # section 3.4: 200 steps at lr 1e-3
+CPU_STEPS = 20  # explain's own CPU default: SaliencyConfig.compressed(20), the paper's schedule in 20 steps
 
 
 def cot_text(completion: str) -> str:
@@ -135,7 +135,7 @@ def explain(args) -> Path:
     model, tokenizer = load_model(args.model, device)
     x, cot_tokens = build_input(tokenizer, args.question, args.completion, args.answer)
     steps = args.steps if args.steps is not None else PAPER_STEPS if device.type != "cpu" else CPU_STEPS
-    lr = args.lr if args.lr is not None else PAPER_LR * PAPER_STEPS / steps
+    lr = args.lr if args.lr is not None else SaliencyConfig.compressed(steps).lr
     note = f"{steps} mask steps at lr {lr:g}"
     if (steps, lr) != (PAPER_STEPS, PAPER_LR):
         keeps = math.isclose(steps * lr, PAPER_STEPS * PAPER_LR, rel_tol=1e-6)
