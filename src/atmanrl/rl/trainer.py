@@ -1,6 +1,6 @@
 """The AtManRL / GRPO training loop (paper sections 3.3-3.4), written to be read top to bottom.
 
-``build_run`` does the set-up once (process group, run directory, model, task and problems, the reference and
+``build_run`` does the set-up once (process group, problems, run directory, model and task, the reference and
 inference copies, FSDP2 sharding, optimizer, resume) and returns a ``Run``; ``train`` is then the algorithm.
 One update:
   1. take the next ``problems_per_update`` problems of the epoch's shuffled order;
@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from atmanrl import dist
-from atmanrl.config import DTYPES, RunConfig
+from atmanrl.config import DTYPES, ConfigError, RunConfig
 from atmanrl.eval.training_eval import append_heldout, evaluate_heldout
 from atmanrl.model.generate import sequence_logprobs
 from atmanrl.progress import Progress, hms
@@ -130,26 +130,30 @@ def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task 
     """The set-up of ``train``, in order; each argument left None comes from the config."""
     d = dist.init()
     validate(cfg)
+
+    # ---- problems (a file that cannot be read stops the run before out_dir is touched), run directory ----------
+    if problems is None:
+        problems = reading("data.path", cfg.data.path, load_problems, cfg.data)
+    per_epoch = len(problems) // cfg.train.problems_per_update
+    if per_epoch == 0:
+        raise ConfigError(f"{len(problems)} training problems are fewer than train.problems_per_update="
+                          f"{cfg.train.problems_per_update}; lower it or give more problems (data.path, "
+                          f"data.synthetic_problems, data.max_problems)")
+    if eval_problems is None and cfg.eval.every > 0:
+        eval_problems = reading("eval.path", cfg.eval.path, load_eval_problems, cfg.data, cfg.eval)
     out = rundir.prepare(cfg)  # lock out_dir; resume, overwrite or refuse an earlier run; write config.json
     torch.manual_seed(cfg.train.seed)
 
-    # ---- problems, model, task ----------------------------------------------------------------------------
-    if problems is None:
-        problems = load_problems(cfg.data)
-    per_epoch = len(problems) // cfg.train.problems_per_update
-    if per_epoch == 0:
-        raise ValueError(f"{len(problems)} training problems are fewer than train.problems_per_update="
-                         f"{cfg.train.problems_per_update}; lower it or give more problems (data.path, "
-                         f"data.synthetic_problems, data.max_problems)")
-    if eval_problems is None and cfg.eval.every > 0:
-        eval_problems = load_eval_problems(cfg.data, cfg.eval)
+    # ---- model, task ----------------------------------------------------------------------------------------
     if policy is None:
         from atmanrl.model import load
 
-        policy, tokenizer = load(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+        policy, tokenizer = reading("model.name_or_path", cfg.model.name_or_path, load, cfg.model.name_or_path,
+                                    dtype=DTYPES[cfg.model.dtype])
         task = task or make_task(cfg.data.task, tokenizer)
     elif task is None:
         raise ValueError("train(policy=...) also needs task=...: the task knows the policy's tokenizer")
+    check_lengths(cfg, policy)
 
     # ---- the reference and inference copies, sharding, optimizer -----------------------------------------
     policy = policy.to(d.device)
@@ -166,6 +170,9 @@ def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task 
     if cfg.train.max_updates is not None:
         total = min(total, cfg.train.max_updates)
     start = resume(cfg, out / "checkpoints", policy, optimizer)
+    if start >= total and start > 0:
+        dist.log(f"nothing to train: the checkpoint is at update {start}, at or past this run's last update {total} "
+                 "(train.max_updates, train.epochs); raise them to continue the run")
     if d.is_main:
         rundir.trim_logs(out, start)
     dist.log(f"training {total} updates ({per_epoch} per epoch) on {len(problems)} problems, "
@@ -175,19 +182,51 @@ def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task 
 
 
 def resume(cfg: RunConfig, ckpt_root: Path, policy, optimizer) -> int:
-    """Load the newest complete checkpoint into ``policy``/``optimizer`` when resuming; the updates it had done."""
+    """Load the newest complete checkpoint into ``policy``/``optimizer`` when resuming; the updates it had done.
+
+    The optimizer's settings are the config's, not the checkpoint's: a changed ``train.lr`` (``betas``,
+    ``weight_decay``) applies from the next update, and the log says so. Without a checkpoint, the starting model
+    must hold finite weights (a checkpoint's are checked when it loads)."""
     if not cfg.checkpoint.resume or (loaded := checkpointing.load_latest(ckpt_root, policy, optimizer)) is None:
+        checkpointing.require_finite(policy, f"the starting model (model.name_or_path={cfg.model.name_or_path})")
         return 0
     path, state = loaded  # the newest checkpoint that loads (damaged ones are skipped with a warning)
-    dist.log(f"resumed from {path} (update {state['update']})")
+    changed = checkpointing.apply_settings(optimizer, optimizer_settings(cfg))
+    dist.log(f"resumed from {path} (update {state['update']})" + "".join(
+        f"; train.{k} {a} -> {b} applied to the restored optimizer" for k, (a, b) in changed.items()))
     return state["update"]
 
 
-def make_optimizer(cfg: RunConfig, policy) -> torch.optim.Optimizer:
+def optimizer_settings(cfg: RunConfig) -> dict:
+    """The optimizer's settings that the config decides (also applied after a resume)."""
     t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(policy.parameters(), lr=t.lr)
-    return torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    return {"lr": t.lr} if t.optimizer == "sgd" else {"lr": t.lr, "betas": t.betas, "weight_decay": t.weight_decay}
+
+
+def make_optimizer(cfg: RunConfig, policy) -> torch.optim.Optimizer:
+    kind = torch.optim.SGD if cfg.train.optimizer == "sgd" else torch.optim.AdamW
+    return kind(policy.parameters(), **optimizer_settings(cfg))
+
+
+def reading(key: str, value, load: Callable, *args, **kwargs):
+    """``load(*args, **kwargs)``, with a file that cannot be read (missing, damaged, not UTF-8, a directory) as a
+    ``ConfigError`` naming the config key: the loaders' own sentences say what is wrong with the file."""
+    try:
+        return load(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={value}: {e}") from None
+
+
+def check_lengths(cfg: RunConfig, policy) -> None:
+    """Generation lengths within the model's context (``max_position_embeddings``), before any rollout."""
+    limit = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    for key, value in (("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                       ("eval.max_new_tokens", cfg.eval.max_new_tokens if cfg.eval.every > 0 else None)):
+        if limit is not None and value is not None and value >= limit:
+            raise ConfigError(f"{key}={value} leaves no room for the prompt in the model's context of {limit} "
+                              f"positions (max_position_embeddings of {cfg.model.name_or_path}); lower it")
 
 
 @dataclass
