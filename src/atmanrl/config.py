@@ -37,12 +37,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from atmanrl.errors import UserError
 from atmanrl.saliency.optimize import SaliencyConfig
-
-
-class UserError(Exception):
-    """Input a user can fix: the message names the file, key or limit and what to do. Scripts print it as one
-    sentence and exit with code 2, without a traceback."""
 
 
 class ConfigError(UserError, ValueError):

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from atmanrl.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -104,7 +106,7 @@ def shard(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
-        raise RuntimeError(f"training under torchrun needs torch >= 2.8 (FSDP2's sum-only gradient reduction); this "
+        raise UserError(f"training under torchrun needs torch >= 2.8 (FSDP2's sum-only gradient reduction); this "
                            f"is torch {torch.__version__}: upgrade torch, or run as one plain process (python, not "
                            f"torchrun)")
     mesh = init_device_mesh(d.device.type, (d.world_size,))
