@@ -166,7 +166,7 @@ def test_explain_shows_reopen_one_beside_the_mask_and_atman(tmp_path, capsys):
     assert "Original ATMAN" in page and "Re-open one" in page
     with pytest.raises(SystemExit):
         explain.main(argv + ["--reopen-init", "0"])
-    assert "--reopen-init must be < 0" in capsys.readouterr().err
+    assert "--reopen-init: 0 must be < 0" in capsys.readouterr().err
 
 
 def test_headline_pairs_seeds_inside_each_warm_start_and_pools_them(tmp_path):
