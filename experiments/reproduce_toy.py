@@ -15,6 +15,11 @@
    padded gold CoTs (the training signal);
 5. ``report.md``, ``results.json`` (every number, per arm and seed) and the PNGs into ``--out``.
 
+``--study PART`` runs one part of issue 17's study instead (``STUDY``: lr, dose, eq3, scalefree, reopen, warmstart2,
+world90, cost, headline; ``--study-seeds``, ``--study-lr``, ``--study-arms``): OUT/study/PART.json and PART.md, every
+comparison as n, mean and a 95 % interval over seeds (docs/toyworld.md, "The study", says what each part measured and
+how long it takes).
+
 ``--smoke`` runs the same pipeline with a model of a few thousand parameters and a handful of updates (seconds):
 the mechanics only, what tests/test_toyworld.py checks.
 
