@@ -34,7 +34,7 @@ What is notable here:
   unwritten tail costs nothing (SDPA with a mask would run its math backend here, see docs/DESIGN.md).
 - **One cache geometry per kind of call.** A CUDA graph reads its cache at fixed addresses and a compiled step is
   specialised to its shapes, so the compiled path keeps its caches for the whole process (``static_cache``): one
-  per row bucket (a call of ``B`` rows uses a kept cache of ``B`` to ``ROW_SLACK * B`` rows, its spare rows
+  per row bucket (a call of ``B`` rows uses a kept cache of ``B`` to ``ROW_SLACK * B - 1`` rows, its spare rows
   decoding a copy of the first prompt, else a new one of the next power of two), each with a length that only
   grows (a multiple of ``CACHE_BUCKET``). Rollouts (64 rows) and evaluation (8 rows) then each keep one geometry:
   rollout -> evaluation -> rollout neither recompiles nor re-records; a cache re-allocates (one recompile) only
@@ -60,7 +60,7 @@ import torch
 from atmanrl.model.llama import KVCache, Llama, hidden_key_bias
 
 CACHE_BUCKET = 256  # the compiled step's cache length is a multiple of this (one graph for many prompt lengths)
-ROW_SLACK = 4  # a compiled call of B rows reuses a kept cache of up to ROW_SLACK * B rows (module docstring)
+ROW_SLACK = 4  # a compiled call of B rows reuses a kept cache of fewer than ROW_SLACK * B rows (module docstring)
 STOP_CHECK_EVERY = 16  # compiled path: decode steps between two host reads of the stop flags
 
 
@@ -252,14 +252,14 @@ def static_cache(model: Llama, batch_size: int, cache_len: int) -> KVCache:
 
     Kept for the life of the model (a CUDA graph reads and writes the cache at fixed addresses, and the compiled
     step is specialised to its shapes: a fresh cache per call would re-record or recompile every call). The kept
-    cache with the fewest rows in ``[batch_size, ROW_SLACK * batch_size]`` is used, else a new one of
+    cache with the fewest rows in ``[batch_size, ROW_SLACK * batch_size)`` is used, else a new one of
     ``batch_size`` rounded up to a power of two; a cache shorter than ``cache_len`` is re-allocated at that length
     (lengths only grow). The returned cache may have more rows and slots than asked for.
     """
     w = model.embed_tokens.weight
     kept = _static_caches.setdefault(model, {})
     fits = [rows for (dtype, device, rows) in kept if dtype == w.dtype and device == w.device
-            and batch_size <= rows <= ROW_SLACK * batch_size]
+            and batch_size <= rows < ROW_SLACK * batch_size]
     rows = min(fits) if fits else 1 << (batch_size - 1).bit_length()
     key = (w.dtype, w.device, rows)
     if key not in kept or kept[key].max_len < cache_len:
