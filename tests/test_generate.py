@@ -242,7 +242,8 @@ def test_compiled_step_equals_eager(tiny, step_compiles, attention, kernel):
 @pytest.mark.parametrize("kernel", ["sdpa", "flex"])
 def test_rollout_eval_rollout_compiles_nothing_new(tiny, step_compiles, attention, kernel):
     """The trainer's sequence on the compiled path: rollouts (8 rows, sampled), a held-out evaluation (2 rows and a
-    last chunk of 1, greedy, longer), rollouts again (other prompt lengths, and 6 rows), evaluation again. The
+    last chunk of 1, greedy, longer), rollouts again (other prompt lengths, 6 rows, and at Table 1's temperature:
+    the temperature is a tensor, not a constant of the graph), evaluation again. The
     first rollout and the first evaluation compile one graph each, then nothing compiles any more; each call's
     tokens equal the eager reference's. A prompt longer than any before grows its cache once (one compile), and
     the grown cache is then reused."""
@@ -262,6 +263,7 @@ def test_rollout_eval_rollout_compiles_nothing_new(tiny, step_compiles, attentio
     check(random_prompts([9], 101, seed=22), **evaluation)  # the evaluation's last, smaller chunk
     check(random_prompts([3, 5, 4, 11, 6, 2, 9, 10], 101, seed=23), **rollout)
     check(random_prompts([7, 4, 6, 5, 8, 3], 101, seed=24), **rollout)  # fewer rows: the same 8-row cache
+    check(random_prompts([5, 5, 8, 8, 3, 3, 6, 6], 101, seed=29), **dict(rollout, temperature=0.7))  # Table 1's
     check(random_prompts([6, 14], 101, seed=25), **evaluation)
     assert len(step_compiles) == 2
     check(random_prompts([240, 5], 101, seed=26), **evaluation)  # 264 slots: the 2-row cache grows to 512

@@ -185,7 +185,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
-def _pick(logits, temperature: float, top_p: float, greedy: bool, keys: torch.Tensor, step):
+def _pick(logits, temperature: float | torch.Tensor, top_p: float, greedy: bool, keys: torch.Tensor, step):
     """Next token ``(B,)`` and its log-prob under ``log_softmax(logits / temperature)`` ``(B,)``.
 
     Sampling is the Gumbel-max trick: ``argmax(logp + G)`` with ``G`` i.i.d. Gumbel draws a token with probability
@@ -437,6 +437,9 @@ def _decode_compiled(model, prompts, seeds, max_new_tokens, stop_ids, pad_id, on
     key_bias = hidden_key_bias(hidden, dtype)  # always a tensor: one graph whether or not a prompt is padded
     keys = row_keys(seeds, device)
     step_fn = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else "default")
+    # The temperature as a device tensor: one graph for rollouts (1.0) and Table 1 samples (0.7) of one geometry,
+    # where a Python float would be a constant of the graph (the same float32 division either way).
+    sample = dict(sample, temperature=torch.full((), sample["temperature"], dtype=torch.float32, device=device))
     out = _Outputs(rows, max_new_tokens, stop_ids, device)
     all_rows = torch.arange(rows, device=device)
     alive = all_rows < B
