@@ -34,6 +34,7 @@ What is notable here:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -258,9 +259,12 @@ def _flex_causal(q, k, v, bias, start_pos, block_mask):
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-# Lazy (compiles on the first CUDA call); dynamic: one graph for every sequence length and batch size instead of a
-# static graph per shape (the mask optimisation's shapes change with every batch of rollouts).
-_flex_causal_compiled = torch.compile(_flex_causal, dynamic=True)
+@functools.cache
+def _flex_causal_compiled():
+    """``_flex_causal`` under ``torch.compile``, built on the first CUDA call (building it imports torch._dynamo,
+    seconds that a CPU-only run need not pay). ``dynamic``: one graph for every sequence length and batch size
+    instead of a static graph per shape (the mask optimisation's shapes change with every batch of rollouts)."""
+    return torch.compile(_flex_causal, dynamic=True)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None) -> torch.Tensor:
@@ -272,8 +276,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | N
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
     if mask.kernel == "flex":
         eager = q.device.type != "cuda" or torch.compiler.is_compiling()
-        return (_flex_causal if eager else _flex_causal_compiled)(q, k, v, mask.bias, mask.start_pos,
-                                                                  mask.block_mask)
+        return (_flex_causal if eager else _flex_causal_compiled())(q, k, v, mask.bias, mask.start_pos,
+                                                                    mask.block_mask)
     if mask.kernel == "efficient":  # K/V copied out to the query heads; the mask is in q's dtype (Llama.forward)
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
         only_efficient = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if q.is_cuda else contextlib.nullcontext()
