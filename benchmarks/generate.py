@@ -31,7 +31,7 @@ from atmanrl.model.generate import generate
 from atmanrl.model.llama import Llama, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the transformers reference lives with the tests
-from hf_reference import hf_twin  # noqa: E402
+from references import hf_twin  # noqa: E402
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,

@@ -16,10 +16,12 @@ never stop, so every timed decode runs the full 1024 steps: the rollout phase's 
 Sections (``--sections``, default all; in this order, ``--quick`` starts none after its time budget):
 - ``kernels``: the attention kernel of each kind of call (padded prefill, compiled decode step, mask optimisation,
   training forward), recorded from one eager call of each: ``flex`` or SDPA's backend (``torch._fused_sdp_choice``).
-- ``compile``: on a 4-layer cut of the model (compiling is what is checked, not speed): the trainer's sequence
-  rollout (64 rows) -> held-out evaluation (8 rows, and a last chunk of 4) -> Table 1 (64 rows, temperature 0.7)
-  -> rollout -> evaluation -> rollout, each call's graphs compiled and CUDA graphs recorded (after the first
-  rollout and evaluation both must stay 0), and the host syncs of one compiled call per token.
+- ``compile``: on a 4-layer cut of the model (compiling is what is checked, not speed), the trainer's and the
+  evaluations' own functions in a run's order: rollout (``rollout_update``, 64 rows) -> held-out evaluation
+  (``evaluate_heldout``: 8 rows, then a last chunk of 4) -> Table 1 (``tasks.sampling.sample`` with
+  ``table1.evaluate``'s defaults: 64 rows, temperature 0.7) -> rollout -> evaluation -> rollout, each call's graphs
+  compiled and CUDA graphs recorded (after the first rollout and evaluation both must stay 0), the kept caches,
+  and the host syncs of one compiled rollout per token.
 - ``decode``: the full model, sampled (the rollout's sampler), prompts ~200 tokens, 1024 new tokens (a 1280-slot
   cache): tok/s of the compiled step at batch 1 / 8 / 64 (``--quick``: 8 / 64), the first call's seconds (compile
   + record), graphs compiled by the timed call (must be 0), the memory-bandwidth limit (weights + the written part
@@ -36,9 +38,9 @@ Sections (``--sections``, default all; in this order, ``--quick`` starts none af
   (2 passes x 2 minibatches, micro-batch 2; completions cut to a typical 196 tokens, as a trained policy stops
   there), the first-pass importance ratio (sampler vs training forward), and the paper's 4,670 updates projected on
   1 and 8 GPUs (projected: communication not included).
-- ``eval1``: Table 1's ``generate`` call for one batch (``eval.gsm8k_eval.evaluate``'s defaults: 64 rows, k 4,
-  temperature 0.7, 1024 tokens), and the GSM8K test set (1,319 problems) projected from it. Scoring and the spaCy
-  composition are CPU work, not timed.
+- ``eval1``: Table 1's sampling for one batch (``tasks.sampling.sample`` with ``eval.table1.evaluate``'s
+  defaults: 64 rows, k 4, temperature 0.7; 1024 tokens), and the GSM8K test set (1,319 problems) projected from it.
+  The spaCy composition is CPU work, not timed.
 - ``bf16``: Spearman of per-token saliency, bf16 model vs the same weights in float32 (``compressed(20)``); the
   masked backward (float32 AtMan bias on the bf16 model, on the chosen kernel) at odd lengths, each finite or its
   error.
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import inspect
 import json
 import statistics
 import sys
@@ -68,14 +71,30 @@ import atmanrl.model.generate as generate_module
 import atmanrl.model.llama as llama_module
 from atmanrl import dist
 from atmanrl.config import load_config
-from atmanrl.model.generate import compile_count, decode_one_token, generate, prefill, row_seed, sequence_logprobs
+from atmanrl.eval import table1
+from atmanrl.eval.training_eval import evaluate_heldout
+from atmanrl.model.generate import (
+    compile_count,
+    decode_one_token,
+    generate,
+    prefill,
+    sequence_logprobs,
+)
 from atmanrl.model.llama import KVCache, Llama, LlamaConfig, hidden_key_bias
 from atmanrl.rl.grpo import group_advantages, outcome_reward, total_reward
-from atmanrl.rl.rollout import Score, rollout_update
+from atmanrl.rl.rollout import rollout_update
 from atmanrl.rl.trainer import Run, make_optimizer, policy_update, saliency_rewards
-from atmanrl.saliency import AnswerBatch, AtManMask, SaliencyConfig, SaliencyInput, saliency
+from atmanrl.saliency import (
+    AnswerBatch,
+    AtManMask,
+    SaliencyConfig,
+    SaliencyInput,
+    saliency,
+)
 from atmanrl.saliency.batch import bytes_per_sequence, sequences_per_batch
 from atmanrl.saliency.optimize import spearman
+from atmanrl.tasks import Score
+from atmanrl.tasks.sampling import sample
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "experiments" / "configs" / "paper_llama32_3b_atmanrl.yaml"
@@ -115,7 +134,7 @@ def settings(args) -> None:
         args.decode_batches, args.eager_tokens, args.cut_layers = [1, 8], 6, 1
         args.saliency_cases = [("flex", 2, 12), ("sdpa", 2, 12), ("efficient", 2, 12), ("auto", 8, 12),
                                ("auto", 2, 30)]
-        args.saliency_steps, args.mask_step_counts, args.typical_cot, args.table1_rows = 2, (1, 2), 12, 16
+        args.saliency_steps, args.mask_step_counts, args.typical_cot, args.table1_rows = 2, (2, 8), 12, 16
         args.bf16_sequences, args.odd_lengths = 2, [7, 13, 31]
         return
     args.prompt_len, args.new_tokens, args.rollout_rows, args.eval_rows, args.cut_layers = 200, 1024, 64, 8, 4
@@ -339,33 +358,49 @@ def bench_kernels(model: Llama, args) -> list[dict]:
     return rows
 
 
+def table1_defaults() -> dict:
+    """``k``, ``temperature``, ``top_p`` and ``batch_size`` of ``eval.table1.evaluate`` (read from its signature)."""
+    params = inspect.signature(table1.evaluate).parameters
+    return {name: params[name].default for name in ("k", "temperature", "top_p", "batch_size")}
+
+
 def bench_compile(model: Llama, args) -> list[dict]:
-    """The trainer's generate calls in order, on a cut of the model: graphs compiled and CUDA graphs recorded each."""
+    """The trainer's and the evaluations' own calls in their order, on a cut of the model: graphs compiled and CUDA
+    graphs recorded by each. Rollouts: ``rl.rollout.rollout_update`` (8 problems x 8); held-out evaluation:
+    ``eval.training_eval.evaluate_heldout`` (greedy, 8 rows per call, here 1.5 calls' worth of problems, so its
+    last call is a smaller chunk); Table 1: ``tasks.sampling.sample`` with ``eval.table1.evaluate``'s defaults."""
     device = model.embed_tokens.weight.device
     g = torch.Generator().manual_seed(5)
+    task = RandomTask(model.config.vocab_size, args.typical_cot, seed=6)
+    t1 = table1_defaults()
+    n_problems = args.rollout_rows // 8
+
+    def problems(n: int) -> list[list[int]]:
+        return group_prompts(model, n, args.prompt_len, g, group=1)
+
+    def rollout():
+        return rollout_update(model, task, problems(n_problems), list(range(n_problems)), group_size=8,
+                              max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0, seed=0, update=0,
+                              device=device)
+
+    def heldout():
+        return evaluate_heldout(model, task, problems(args.eval_rows * 3 // 2), max_new_tokens=args.new_tokens,
+                                batch_size=args.eval_rows)
+
+    def table1_batch():
+        return sample(model, task, problems(args.table1_rows // t1["k"]), max_new_tokens=args.new_tokens, **t1)
+
+    calls = {"rollout": rollout, "held-out eval": heldout, "Table 1 batch": table1_batch}
     events = CompileEvents()
-    rollout = dict(temperature=1.0, top_p=1.0)
-    evaluation = dict(greedy=True)
-    table1 = dict(temperature=0.7, top_p=1.0)
-    sequence = [("rollout", args.rollout_rows, 8, rollout), ("held-out eval", args.eval_rows, 1, evaluation),
-                ("held-out eval, last chunk", max(1, args.eval_rows // 2), 1, evaluation),
-                ("Table 1 batch", args.table1_rows, 4, table1), ("rollout", args.rollout_rows, 8, rollout),
-                ("held-out eval", args.eval_rows, 1, evaluation), ("rollout", args.rollout_rows, 8, rollout)]
     rows = []
-    for i, (name, n, group, kw) in enumerate(sequence):
-        prompts = group_prompts(model, n, args.prompt_len, g, group=group)
-        seeds = list(range(n))
-        t, _ = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, seed=seeds, compile=True, **kw),
-                     device)
-        cache = generate_module.static_cache(model, n, 1)
-        row = {"call": name, "rows": n, "cache": f"{cache.batch_size} x {cache.max_len}", "seconds": t,
-               **events.take()}
-        if i == len(sequence) - 1:  # the last rollout once more, counting host syncs
-            syncs = host_syncs(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, seed=seeds,
-                                                compile=True, **kw), device)
-            row["host_syncs_per_token"] = None if syncs is None else syncs / args.new_tokens
-        rows.append(row)
-        print(f"# compile: {row}", file=sys.stderr, flush=True)
+    for name in ["rollout", "held-out eval", "Table 1 batch", "rollout", "held-out eval", "rollout"]:
+        t, _ = timed(calls[name], device)
+        rows.append({"call": name, "seconds": t, **events.take()})
+        print(f"# compile: {rows[-1]}", file=sys.stderr, flush=True)
+    caches = generate_module._static_caches.get(model, {}).values()
+    rows[-1]["caches"] = ", ".join(sorted(f"{c.batch_size} x {c.max_len}" for c in caches))
+    syncs = host_syncs(rollout, device)  # once more, counting host syncs
+    rows[-1]["host_syncs_per_token"] = None if syncs is None else syncs / args.new_tokens
     return rows
 
 
@@ -576,16 +611,16 @@ def projection(u: dict, decode_rows: list[dict], saliency_rows: list[dict]) -> d
 
 
 def bench_eval1(model: Llama, args) -> dict:
-    """Table 1's generate call for one batch, as ``eval.gsm8k_eval.evaluate`` makes it (k 4, temperature 0.7)."""
-    device, k = model.embed_tokens.weight.device, 4
+    """Table 1's sampling for one batch, as ``eval.table1.evaluate`` runs it (``tasks.sampling.sample`` with its
+    defaults: k 4, temperature 0.7, 64 rows); scoring on the CPU and the spaCy composition are not timed."""
+    device, t1 = model.embed_tokens.weight.device, table1_defaults()
     g = torch.Generator().manual_seed(9)
-    prompts = group_prompts(model, args.table1_rows, args.prompt_len, g, group=k)
-    seeds = [row_seed(1234, i // k, i % k) for i in range(len(prompts))]
+    problems = group_prompts(model, args.table1_rows // t1["k"], args.prompt_len, g, group=1)
+    task = RandomTask(model.config.vocab_size, args.typical_cot, seed=10)
     events = CompileEvents()
-    t, comps = timed(lambda: generate(model, prompts, max_new_tokens=args.new_tokens, temperature=0.7, seed=seeds),
-                     device)
-    out = {"rows": len(prompts), "problems": len(prompts) // k, "new_tokens": args.new_tokens, "seconds": t,
-           "tok_s": sum(len(c.tokens) for c in comps) / t, **events.take()}
+    t, samples = timed(lambda: sample(model, task, problems, max_new_tokens=args.new_tokens, **t1), device)
+    out = {"rows": len(samples), "problems": len(problems), "new_tokens": args.new_tokens, "seconds": t,
+           "tok_s": sum(len(x.tokens) for x in samples) / t, **events.take()}
     out["gsm8k_test_hours_1gpu"] = t * -(-GSM8K_TEST // out["problems"]) / 3600
     print(f"# eval1: {out}", file=sys.stderr, flush=True)
     return out
@@ -632,23 +667,24 @@ def bench_bf16(model: Llama, args) -> dict:
 
 @contextlib.contextmanager
 def aot_eager_step(on: bool):
-    """CPU (``--tiny``): the compiled path's step under the aot_eager backend (dynamo graph capture, no code
-    generation; inductor's C++ build takes minutes), as tests/test_generate.py does; restored on exit."""
-    original = generate_module.compiled_decode_one_token
+    """CPU (``--tiny``): every ``generate`` call compiles its step, as on a GPU, under the aot_eager backend
+    (dynamo graph capture, no code generation; inductor's C++ build takes minutes), as tests/test_generate.py
+    does; restored on exit."""
+    original, compile_on = generate_module.compiled_decode_one_token, generate_module.COMPILE_ON
     if on:
         compiled = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True, dynamic=False)
         generate_module.compiled_decode_one_token = lambda mode: compiled
+        generate_module.COMPILE_ON = {"cpu", "cuda"}  # the trainer's and evaluations' calls compile, as on a GPU
     try:
         yield
     finally:
-        generate_module.compiled_decode_one_token = original
+        generate_module.compiled_decode_one_token, generate_module.COMPILE_ON = original, compile_on
 
 
 def print_section(name: str, result) -> None:
     columns = {
         "kernels": ["call", "kernel", "error"],
-        "compile": ["call", "rows", "cache", "seconds", "graphs_compiled", "cudagraphs_recorded",
-                    "host_syncs_per_token"],
+        "compile": ["call", "seconds", "graphs_compiled", "cudagraphs_recorded", "caches", "host_syncs_per_token"],
         "decode": ["batch", "new_tokens", "cache", "compiled_tok_s", "bandwidth_limit_tok_s", "pct_of_limit",
                    "first_call_s", "timed_call", "eager_tok_s_first_tokens", "same_tokens_rows",
                    "compiled_error"],

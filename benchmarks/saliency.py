@@ -83,8 +83,7 @@ def log(msg: str):
 
 
 def speed(model, x: SaliencyInput, steps: int) -> dict:
-    from hf_reference import hf_twin
-    from test_saliency_plain import ours_as_dense, plain_mask_steps
+    from references import hf_twin, ours_as_dense, plain_mask_steps
 
     hf = hf_twin(model)
     config = SaliencyConfig(steps=steps, return_mask=True)
@@ -231,7 +230,7 @@ def main(argv=None):
             # The float32 noise floor: our own run in float32 against our own run in float64. In float32, Adam turns
             # gradient noise on entries whose true gradient is ~0 into lr-sized steps, so a few of the entries of
             # ANY two float32 implementations drift by 1-2 lr at ~400 tokens (benchmarks/README.md).
-            from test_saliency_plain import ours_as_dense
+            from references import ours_as_dense
 
             log("control: our own optimiser in float64 ...")
             (r64,) = saliency(copy.deepcopy(model).double(), [x], SaliencyConfig(steps=args.parity_steps,

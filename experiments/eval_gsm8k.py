@@ -15,10 +15,10 @@ so the two files never share a path. Both paths are checked for writing before t
 replacement, saliency agreement) on one CoT per problem (the first sample that wrote ``#####``, else the first
 sample): their per-sample records go into the JSON (``"faithfulness"``) and their summary into a second table.
 
-``--task NAME`` (with ``--faithfulness``) runs the faithfulness tests on another task of the trainer's task registry
-(``atmanrl.data.tasks``) whose completions have the same CoT / ``#####`` / number layout, e.g. the toy world's
-policies: one CoT is sampled per problem through the task's own prompt, and Table 1 (a GSM8K table) is skipped.
-``--filler`` names the filler text for a vocabulary without ``...``.
+``--task NAME`` evaluates on another task of the task registry (``atmanrl.tasks.registry``), e.g. the toy world's
+policies with ``--task toyworld --model runs/cpu_default/policy``: Table 1 as for GSM8K, through the task's own
+prompt and judgement. With ``--faithfulness`` one CoT per problem is sampled for the tests (its own seeds, one per
+problem); ``--filler`` names the filler text for a vocabulary without ``...``.
 
 ``--compare`` reads two such files (baseline first) and prints Table 1 with the relative and percentage-point
 changes, as the paper shows it, and the faithfulness table of both arms when both files have one.
@@ -114,7 +114,7 @@ def parse_args(argv=None):
     ap.add_argument("--faithfulness", action="store_true",
                     help="also run the faithfulness tests (atmanrl.eval.faithfulness) on one CoT per problem")
     ap.add_argument("--task", default="gsm8k",
-                    help="another task of atmanrl.data.tasks to run the faithfulness tests on (needs --faithfulness)")
+                    help="the task of atmanrl.tasks.registry to evaluate on (gsm8k, toyworld)")
     ap.add_argument("--filler", default="...", help="filler text of the filler-replacement test (default: ...)")
     ap.add_argument("--saliency-steps", type=_number(int, "--saliency-steps", "mask steps", 1), default=20,
                     help="mask steps of the saliency-agreement test (the paper: 200)")
@@ -125,12 +125,14 @@ def parse_args(argv=None):
     ap.add_argument("--compare", nargs=2, metavar=("BASELINE_JSON", "ATMANRL_JSON"),
                     help="print Table 1 for two result files, with relative changes against the first")
     args = ap.parse_args(argv)
+    from atmanrl.tasks.registry import TASKS
+
+    if args.task not in TASKS:
+        ap.error(f"argument --task: unknown task {args.task!r}; valid tasks are: {', '.join(sorted(TASKS))}")
     if args.top_p > 1:
         ap.error(f"argument --top-p: must be <= 1 (nucleus mass), got {args.top_p}")
     if not (math.isfinite(args.saliency_init) and args.saliency_init < 0):
         ap.error(f"argument --saliency-init: the mask's initial value must be negative, got {args.saliency_init}")
-    if args.task != "gsm8k" and not args.faithfulness:
-        ap.error(f"argument --task: --task {args.task} runs only the faithfulness tests; add --faithfulness")
     return args
 
 
@@ -190,38 +192,21 @@ def saliency_config(args):
     return config
 
 
-def other_task(args, json_path: Path, md_path: Path) -> None:
-    """``--task NAME --faithfulness``: one sampled CoT per problem of a registry task, then the faithfulness tests."""
+def load_problems(args) -> tuple[list, str]:
+    """``--n`` held-out problems of ``--task`` drawn with ``--seed``: from ``--data``'s file, or generated."""
     from atmanrl.config import ConfigError
-    from atmanrl.data import draw_problems
-    from atmanrl.data.tasks import make_task, task_entry
-    from atmanrl.eval.faithfulness import faithfulness_markdown, gsm8k_layout, task_inputs
-    from atmanrl.model import load
+    from atmanrl.tasks.gsm8k import draw_problems
+    from atmanrl.tasks.registry import task_entry
 
     try:
-        entry = task_entry(args.task)
+        pool = task_entry(args.task).problems(args.data, args.n, args.seed, True)
     except ConfigError as e:
-        raise SystemExit(f"--task: {e}") from None
-    problems = entry.problems(args.data, args.n, args.seed, True)  # held-out problems
-    if len(problems) > args.n:
-        problems = draw_problems(problems, args.n, args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=torch.float32)
-    model.eval()
-    task = make_task(args.task, tokenizer)
-    inputs = task_inputs(model, tokenizer, task, problems, gsm8k_layout(tokenizer, filler=args.filler),
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                         batch_size=args.batch_size)
-    label = args.label or Path(args.model).name
-    faith = run_faithfulness(args, model, tokenizer, inputs)
-    result = {"label": label, "model": args.model, "task": args.task, "data": args.data, "args": vars(args),
-              "faithfulness": faith.to_dict() if faith is not None else None}
-    table = faithfulness_markdown([(label, faith.summary)]) if faith is not None else "(no CoT to test)"
-    json_path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    md_path.write_text(table + "\n", encoding="utf-8")
-    print(f"[eval] wrote {json_path} and {md_path}", file=sys.stderr)
-    print(table)
+        raise SystemExit(f"--data: {e}") from None
+    if args.data and args.n > len(pool):
+        sys.exit(f"--n {args.n} is more than the {len(pool)} problems in {args.data}")
+    problems = draw_problems(pool, args.n, args.seed) if len(pool) > args.n else pool
+    source = str(args.data) if args.data else f"generated by the {args.task} task (seed {args.seed})"
+    return problems, source
 
 
 def main(argv=None):
@@ -230,23 +215,13 @@ def main(argv=None):
         print(compare(args.compare))
         return
 
-    from atmanrl.data import build_prompt, draw_problems, make_problems, read_gsm8k
     from atmanrl.eval import evaluate, table1_markdown
     from atmanrl.model import load
+    from atmanrl.tasks.registry import make_task
 
     json_path, md_path = output_paths(args.out)
     check_writable([json_path, md_path])
-    if args.task != "gsm8k":
-        return other_task(args, json_path, md_path)
-    if args.data:
-        pool = read_gsm8k(args.data)
-        if args.n > len(pool):
-            sys.exit(f"--n {args.n} is more than the {len(pool)} problems in {args.data}")
-        problems = draw_problems(pool, args.n, args.seed)
-        source = str(args.data)
-    else:
-        problems = make_problems(args.n, seed=args.seed)
-        source = f"synthetic (atmanrl.data.synthetic, seed {args.seed})"
+    problems, source = load_problems(args)
     print(f"[eval] {len(problems)} problems from {source}, k={args.k}, model {args.model}", file=sys.stderr)
 
     if args.threads:
@@ -258,16 +233,22 @@ def main(argv=None):
     model, tokenizer = load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             device=device)
     model.eval()
-    result = evaluate(model, tokenizer, problems, k=args.k, max_new_tokens=args.max_new_tokens,
+    task = make_task(args.task, tokenizer)
+    result = evaluate(model, task, problems, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     label = args.label or Path(args.model).name
-    result = {"label": label, "model": args.model, "data": source, "args": vars(args), **result}
+    result = {"label": label, "model": args.model, "task": args.task, "data": source, "args": vars(args), **result}
     tables = [table1_markdown([(label, result["summary"])])]
 
     if args.faithfulness:
-        from atmanrl.eval.faithfulness import faithfulness_markdown, inputs_from_samples
+        from atmanrl.eval.faithfulness import faithfulness_markdown, gsm8k_layout, inputs_from_samples, task_inputs
 
-        inputs = inputs_from_samples(tokenizer, result["samples"], lambda s: build_prompt(tokenizer, s["question"]))
+        if args.task == "gsm8k":  # one of the Table 1 samples per problem
+            inputs = inputs_from_samples(tokenizer, result["samples"], lambda s: task.prompt(problems[s["problem"]]))
+        else:  # one CoT per problem drawn for the test (seeds per problem), as the measured reports were made
+            inputs = task_inputs(model, tokenizer, task, problems, gsm8k_layout(tokenizer, filler=args.filler),
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                                 batch_size=args.batch_size)
         faith = run_faithfulness(args, model, tokenizer, inputs)
         if faith is not None:
             result["faithfulness"] = faith.to_dict()

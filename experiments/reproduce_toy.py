@@ -1,10 +1,11 @@
 """Reproduce the paper's Table 1 direction in the toy world, on a CPU, in one command.
 
-    python experiments/reproduce_toy.py [--out runs/toyworld] [--seeds 3] [--updates 40]
+    python experiments/reproduce_toy.py [--out runs/toyworld] [--seeds 3] [--updates 30] [--jobs N]
 
 1. the SFT warm start (``atmanrl.toy.sft``; built once and cached, or reused);
-2. the arms through the project's own ``train()`` with ``experiments/configs/toy_{baseline,atmanrl,eq3}.yaml``,
-   every seed, the same number of updates;
+2. the five arms (``ARMS``: baseline, AtManRL and literal Eq. 3 at the paper's weight 1, both saliency arms again
+   at weight 10) through the project's own ``train()`` with ``experiments/configs/toy_*.yaml``, every seed, the
+   same number of updates;
 3. held-out evaluation of the warm start and of every trained policy (``atmanrl.toy.evaluate``): the Table 1 block
    plus filler / distractor shares and needed-step coverage;
 4. saliency against planted truth (``atmanrl.toy.truth``) on the warm start's own correct CoTs: the paper's
@@ -30,20 +31,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from atmanrl.config import load_config
+from atmanrl.model import load
+from atmanrl.rl.figure2 import plot_runs
+from atmanrl.rl.trainer import train
+from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+from atmanrl.saliency.atman import reopen_one
+from atmanrl.tasks import toyworld as tw
+from atmanrl.toy import truth
+from atmanrl.toy.evaluate import evaluate_toy
+from atmanrl.toy.sft import SFTSettings, sft_model_dir
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # plot_run.py sits next to this file
-
-import torch  # noqa: E402
-
-from atmanrl.config import load_config  # noqa: E402
-from atmanrl.data import toyworld as tw  # noqa: E402
-from atmanrl.model import load  # noqa: E402
-from atmanrl.rl.trainer import train  # noqa: E402
-from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency  # noqa: E402
-from atmanrl.saliency.atman import reopen_one  # noqa: E402
-from atmanrl.toy import truth  # noqa: E402
-from atmanrl.toy.evaluate import evaluate_toy  # noqa: E402
-from atmanrl.toy.sft import SFTSettings, sft_model_dir  # noqa: E402
 
 # The paper's arms (saliency weight 0 / 1, both orientations of Eq. 3), then the same two saliency arms at weight 10:
 # the appendix A.1 balance between saliency and outcome reward, added after weight 1 did not separate from the
@@ -206,7 +207,7 @@ def reward_gap(model, tokenizer, problems, cfg: SaliencyConfig | float, seed: in
 def run_truth(args, model, tokenizer) -> dict:
     """Saliency vs planted truth: select the option on seed 0's CoTs, report on the other seeds' CoTs."""
     base, candidates = mask_settings(args.smoke)
-    problems = tw.make_problems(args.truth_problems * args.seeds, 99, "test")
+    problems = tw.toy_problems(args.truth_problems * args.seeds, 99, "test")
     per_seed = len(problems) // args.seeds
     out = {"per_seed": {}, "selection": {}}
     chosen = None
@@ -249,7 +250,7 @@ def run_truth(args, model, tokenizer) -> dict:
                                     for m in ("auroc_answer", "top1", "auroc_step_vs_padding", "saturated_share")}
                        for n, k in sorted(rows)}
     out["reported_on_seeds"] = reported
-    gap_problems = tw.make_problems(args.gap_problems, 7, "test")
+    gap_problems = tw.toy_problems(args.gap_problems, 7, "test")
     gap_settings = {**base, best_mask[0]: candidates[best_mask[0]]}
     if chosen[0] in REOPEN:
         gap_settings[chosen[0]] = REOPEN[chosen[0]]
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
     parser.add_argument("--truth-problems", type=int, default=96, help="problems per CoT set of the saliency study")
     parser.add_argument("--truth-cots", type=int, default=48, help="correct CoTs per set of the saliency study")
     parser.add_argument("--gap-problems", type=int, default=24, help="problems for the dense-vs-padded reward gap")
-    parser.add_argument("--jobs", type=int, default=1, help="run the saliency study and the three arms as this "
+    parser.add_argument("--jobs", type=int, default=1, help="run the saliency study and the arms as this "
                                                              "many parallel processes (one torch thread each)")
     parser.add_argument("--part", choices=PARTS, help="compute only this part (a child process of --jobs)")
     parser.add_argument("--reuse", action="store_true", help="take parts already in OUT/parts (an interrupted or "
@@ -467,7 +468,7 @@ def main(argv=None) -> int:
     policy_dir = sft_model_dir(settings, args.out / "sft" if args.smoke else None)
     model, tokenizer = load(policy_dir)
     model.eval().requires_grad_(False)
-    test_problems = tw.make_problems(args.heldout, 0, "test")
+    test_problems = tw.toy_problems(args.heldout, 0, "test")
     if args.part is not None:
         result = run_part(args, args.part, policy_dir, model, tokenizer, test_problems)
         (args.out / "parts").mkdir(exist_ok=True)
@@ -491,7 +492,6 @@ def main(argv=None) -> int:
     results["arms"] = aggregate(runs)
     results["checks"] = checks(results["arms"])
     try:
-        from plot_run import plot_runs
 
         plot_runs([r["dir"] for r in runs.values()], args.out / "figure2.png")
         plot_arms(runs, args.out / "figure2_rollouts.png")

@@ -6,7 +6,7 @@
         model.name_or_path=/path/to/Llama-3.2-3B-Instruct data.path=/path/to/gsm8k/train.jsonl
 
 Any ``key.sub=value`` after the options overrides the config (``saliency.weight=0`` is the baseline arm;
-``data.task=NAME`` trains on another task registered in atmanrl/data/tasks.py). Writes
+``data.task=NAME`` trains on another task registered in atmanrl/tasks/registry.py). Writes
 ``out_dir/{config.json, metrics.jsonl, eval.jsonl, checkpoints/step_N, policy/, figure2.png}``. A toy-world run
 (``data.task: toyworld``, the CPU default) ends with a before/after block in Table 1's layout on held-out problems.
 """
@@ -17,14 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # plot_run.py sits next to this file
+from atmanrl import dist
+from atmanrl.config import ConfigError, load_config
+from atmanrl.rl.checkpointing import CorruptCheckpointError, NonFiniteError
+from atmanrl.rl.figure2 import plot_runs
+from atmanrl.rl.rundir import RunDirError
+from atmanrl.rl.trainer import train
 
-from atmanrl import dist  # noqa: E402
-from atmanrl.config import ConfigError, load_config  # noqa: E402
-from atmanrl.rl.checkpointing import CorruptCheckpointError, NonFiniteError  # noqa: E402
-from atmanrl.rl.rundir import RunDirError  # noqa: E402
-from atmanrl.rl.trainer import train  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # Errors whose message already says what was wrong and what to do: printed as a sentence, not a traceback.
 USER_ERRORS = (ConfigError, RunDirError, NonFiniteError, CorruptCheckpointError, FileNotFoundError)
@@ -54,7 +54,6 @@ def main(argv=None) -> int:
         print(f"mean time per update over {n} updates: {total:.1f}s = rollout {mean['time_rollout']:.1f}s + "
               f"saliency {mean['time_saliency']:.1f}s + update {mean['time_update']:.1f}s", file=sys.stderr)
         try:
-            from plot_run import plot_runs
 
             png = plot_runs([result.out_dir], Path(result.out_dir) / "figure2.png")
             print(f"Figure 2 written to {png}", file=sys.stderr)

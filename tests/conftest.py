@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from atmanrl import dist
+
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_DIR = REPO.parent / "shared" / "data" / "gsm8k"
 
@@ -28,3 +30,14 @@ def smollm2():
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+@pytest.fixture
+def single_process_one_thread():
+    """No leftover process group; one intra-op thread (tiny matmuls only lose from threads on a busy machine)."""
+    dist.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    dist.shutdown()

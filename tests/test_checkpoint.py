@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atmanrl.model import Llama, LlamaConfig, RopeScaling, load_config, load_hf, save_hf
+from atmanrl.model import Llama, LlamaConfig, RopeScaling, load_hf, load_llama_config, save_hf
 
 TOL = 1e-4
 
@@ -113,7 +113,7 @@ def _config_json(model: Llama, tmp_path, spelling: str) -> LlamaConfig:
         cfg["rope_parameters"] = {**(cfg.pop("rope_scaling") or {"rope_type": "default"}),
                                   "rope_theta": cfg.pop("rope_theta")}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return load_config(tmp_path)
+    return load_llama_config(tmp_path)
 
 
 @pytest.mark.parametrize("scaled", [True, False])
@@ -130,7 +130,7 @@ def test_unsupported_rope_type(tmp_path):
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config\.json: RoPE type 'yarn' is not supported"):
-        load_config(tmp_path)
+        load_llama_config(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def test_eval_out_md_writes_json_and_markdown_to_two_files(tmp_path, monkeypatch
     """--out res.md: the JSON used to be written to res.md and then overwritten by the table."""
     import atmanrl.eval
     import atmanrl.model
+    import atmanrl.tasks.registry
 
     summary = {"problems": 1, "k": 1, "samples": 1, "avg_cot_tokens": 3.0, "numbers_pct": 1.0, "stop_words_pct": 2.0,
                "symbols_pct": 3.0, "pass_at_k": 0.0, "accuracy": 0.0, "with_answer_pct": 0.0}
@@ -63,6 +64,7 @@ def test_eval_out_md_writes_json_and_markdown_to_two_files(tmp_path, monkeypatch
             return self
 
     monkeypatch.setattr(atmanrl.model, "load", lambda *a, **k: (Model(), None))
+    monkeypatch.setattr(atmanrl.tasks.registry, "make_task", lambda *a, **k: None)
     monkeypatch.setattr(atmanrl.eval, "evaluate", lambda *a, **k: {"summary": summary, "samples": []})
     script("eval_gsm8k").main(["--n", "1", "--k", "1", "--out", str(tmp_path / "res.md"), "--label", "x"])
     assert json.loads((tmp_path / "res.json").read_text())["summary"] == summary
@@ -113,24 +115,13 @@ def test_explain_refuses_an_existing_directory_as_out(tmp_path, no_model):
         script("explain").main(["--out", str(tmp_path), "--device", "cpu"])
 
 
-def test_eval_task_needs_faithfulness_and_a_registry_entry(capsys, no_model, tmp_path, monkeypatch):
+def test_eval_task_must_be_registered(capsys, no_model, tmp_path):
+    """--task names a task of the registry; an unknown one is refused before any model loads, listing the valid
+    ones. (Any registered task gets Table 1 now: --task toyworld no longer needs --faithfulness.)"""
     with pytest.raises(SystemExit) as e:
-        script("eval_gsm8k").main(["--task", "toyworld", "--out", str(tmp_path / "r.json")])
-    assert e.value.code == 2 and "add --faithfulness" in capsys.readouterr().err
-    import sys
-    import types
-
-    from atmanrl.config import ConfigError
-
-    registry = types.ModuleType("atmanrl.data.tasks")  # the trainer's task registry, as it lists unknown names
-
-    def task_entry(name):
-        raise ConfigError(f"data.task: unknown task {name!r}; valid tasks are: gsm8k")
-
-    registry.task_entry, registry.make_task = task_entry, None
-    monkeypatch.setitem(sys.modules, "atmanrl.data.tasks", registry)
-    with pytest.raises(SystemExit, match="--task: data.task: unknown task 'nope'; valid tasks are: gsm8k"):
-        script("eval_gsm8k").main(["--task", "nope", "--faithfulness", "--out", str(tmp_path / "r.json")])
+        script("eval_gsm8k").main(["--task", "nope", "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown task 'nope'" in err and "gsm8k, toyworld" in err
 
 
 def test_compare_shows_both_arms_faithfulness(tmp_path, capsys):

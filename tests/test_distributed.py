@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyTask, tiny_config, tiny_policy
 
 from atmanrl import dist
 from atmanrl.model import load_hf
 from atmanrl.rl.trainer import train
-from test_trainer import TinyTask, tiny_config, tiny_policy
 
 TESTS = Path(__file__).resolve().parent
 
@@ -35,7 +35,7 @@ WORKER = textwrap.dedent("""
     import torch
     from atmanrl import dist
     from atmanrl.rl.trainer import train
-    from test_trainer import TinyTask, tiny_config, tiny_policy
+    from tiny import TinyTask, tiny_config, tiny_policy
     from test_distributed import run_arm
 
     for optimizer in ("sgd", "adamw"):

@@ -16,6 +16,7 @@ from atmanrl.eval import (
     summarize,
     table1_markdown,
 )
+from atmanrl.tasks import Sample, Score
 
 
 def test_pass_at_k_on_a_hand_made_result_set():
@@ -50,19 +51,14 @@ def test_composition_of_a_hand_tagged_sentence():
     assert empty == Composition() and empty.percent()["numbers"] == 0
 
 
-def sample(problem, correct, cot_tokens, comp, answer="1"):
-    return {"problem": problem, "correct": correct, "cot_tokens": cot_tokens, "answer": answer,
-            "composition": vars(comp)}
+def sample(problem, correct, cot_tokens, answer="1"):
+    return Sample(problem, 0, [], [], [], True, Score(correct, answer is not None, cot_tokens, answer=answer))
 
 
 def test_summary_pools_composition_and_counts_problems():
-    samples = [
-        sample(0, True, 10, Composition(10, 2, 5, 1)),
-        sample(0, False, 30, Composition(30, 4, 10, 2), answer=None),
-        sample(1, False, 20, Composition(20, 0, 5, 0)),
-        sample(1, False, 40, Composition(0, 0, 0, 0)),
-    ]
-    s = summarize(samples)
+    samples = [sample(0, True, 10), sample(0, False, 30, answer=None), sample(1, False, 20), sample(1, False, 40)]
+    comps = [Composition(10, 2, 5, 1), Composition(30, 4, 10, 2), Composition(20, 0, 5, 0), Composition(0, 0, 0, 0)]
+    s = summarize(samples, comps)
     assert (s["problems"], s["k"], s["samples"]) == (2, 2, 4)
     assert s["avg_cot_tokens"] == 25.0
     assert s["numbers_pct"] == pytest.approx(100 * 6 / 60) and s["stop_words_pct"] == pytest.approx(100 * 20 / 60)
@@ -87,10 +83,11 @@ def test_table1_reproduces_the_papers_relative_changes():
 
 
 def test_evaluate_end_to_end_on_smollm2(smollm2, tmp_path):
-    from atmanrl.data import make_problems
+    from atmanrl.tasks.gsm8k import GSM8KTask
+    from atmanrl.tasks.synthetic import synthetic_problems
 
     model, tok = smollm2
-    result = evaluate(model, tok, make_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
+    result = evaluate(model, GSM8KTask(tok), synthetic_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
     samples = result["samples"]
     assert len(samples) == 4 and [s["problem"] for s in samples] == [0, 0, 1, 1]
     for s in samples:
@@ -98,7 +95,7 @@ def test_evaluate_end_to_end_on_smollm2(smollm2, tmp_path):
         assert set(s["composition"]) == {"tokens", "numbers", "stop_words", "symbols"}
     assert result["summary"]["samples"] == 4
     json.dumps(result)  # every field serialises
-    again = evaluate(model, tok, make_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
+    again = evaluate(model, GSM8KTask(tok), synthetic_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
     assert [s["completion"] for s in again["samples"]] == [s["completion"] for s in samples]
 
 

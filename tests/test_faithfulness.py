@@ -16,6 +16,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 from atmanrl.eval import faithfulness as F
+from atmanrl.eval import truth
+from atmanrl.tasks import Score, sampling
 from atmanrl.model.generate import Completion
 from atmanrl.model.tokenizer import Tokenizer
 
@@ -140,15 +142,22 @@ def test_task_inputs_take_the_cot_before_the_delimiter(monkeypatch):
         def prompt(self, problem):
             return TOK.encode(f"<user> what is {problem.var} ?")
 
+        def score(self, problem, prompt, completion):
+            return Score(correct=False, has_answer=False, cot_tokens=len(completion))
+
+    class Model:
+        def eval(self):
+            return self
+
     class Problem:
         def __init__(self, var, gold):
             self.var, self.gold = var, gold
 
-    monkeypatch.setattr(F, "generate", lambda model, prompts, **kw: [
+    monkeypatch.setattr(sampling, "generate", lambda model, prompts, **kw: [
         Completion(TOK.encode(text) + [TOK.eos_id], [], True)
         for text in ["x = 3 . w = 13 ##### 13", "x = 4 .", "##### 2"]][: len(prompts)])
     layout = F.gsm8k_layout(TOK)
-    got = F.task_inputs(None, TOK, Task(), [Problem("w", "13"), Problem("x", "4"), Problem("y", "2")], layout,
+    got = F.task_inputs(Model(), TOK, Task(), [Problem("w", "13"), Problem("x", "4"), Problem("y", "2")], layout,
                         max_new_tokens=8)
     assert [TOK.decode(x.cot) for x in got] == ["x = 3 . w = 13", "x = 4 ."], "an empty CoT is skipped"
     assert [x.gold for x in got] == ["13", "4"] and got[0].prompt == TOK.encode("<user> what is w ?")
@@ -169,10 +178,10 @@ def test_inputs_from_evaluation_samples_take_one_cot_per_problem():
 
 
 def test_auroc_by_hand():
-    assert F.auroc([0.9, 0.1, 0.2], [True, False, False]) == 1.0
-    assert F.auroc([0.1, 0.9, 0.2], [True, False, False]) == 0.0
-    assert F.auroc([0.5, 0.5, 0.1, 0.7], [True, False, False, True]) == (1 + 0.5 + 1 + 1) / 4
-    assert F.auroc([0.5, 0.1], [True, True]) is None
+    assert truth.auroc([0.9, 0.1, 0.2], [True, False, False]) == 1.0
+    assert truth.auroc([0.1, 0.9, 0.2], [True, False, False]) == 0.0
+    assert truth.auroc([0.5, 0.5, 0.1, 0.7], [True, False, False, True]) == (1 + 0.5 + 1 + 1) / 4
+    assert truth.auroc([0.5, 0.1], [True, True]) is None
 
 
 def tiny_llama():

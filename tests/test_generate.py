@@ -5,12 +5,12 @@ import weakref
 
 import pytest
 import torch
+from references import hf_twin
 from torch._dynamo.backends.debugging import aot_eager
 
 import atmanrl.model.generate as generate_module
 from atmanrl.model.generate import _top_p_filter, generate, sampling_noise, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
-from hf_reference import hf_twin
 
 PARITY_TOL = 1e-4  # float32, generator (KV cache, left padding) vs one plain forward
 PAD_TOL = 1e-5  # the same sequence alone vs in a padded batch

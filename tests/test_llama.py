@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch.nn.attention.flex_attention as flex_module  # noqa: E402
 
-from atmanrl.model.checkpoint import load_hf  # noqa: E402
+from atmanrl.model.hf_checkpoint import load_hf  # noqa: E402
 from atmanrl.model.llama import KVCache, Llama, LlamaConfig, attention_kernel, hidden_key_bias  # noqa: E402
 
 # Two small configs: GQA in both, llama3 rope scaling with a short original context so that sequences longer than

@@ -1,4 +1,4 @@
-"""The metrics record (atmanrl/rl/metrics.py) and the progress lines (atmanrl/rl/progress.py).
+"""The metrics record (atmanrl/rl/metrics.py) and the progress lines (atmanrl/progress.py).
 
 The record is built from a dict of rank-local sums reduced in one all-reduce; two gloo processes holding half of
 the rollouts each must produce the record of one process holding all of them.
@@ -13,11 +13,12 @@ import torch
 import torch.multiprocessing as mp
 
 from atmanrl import dist
+from atmanrl.progress import Progress, hms
 from atmanrl.rl.grpo import LossStats
 from atmanrl.rl.metrics import PER_ROLLOUT, reduce_dict, update_record
-from atmanrl.rl.progress import Progress, hms
-from atmanrl.rl.rollout import Rollout, Score
+from atmanrl.rl.rollout import Rollout
 from atmanrl.saliency import SaliencyResult
+from atmanrl.tasks import Score
 
 TIMES = {"time_rollout": 2.0, "time_saliency": 1.0, "time_update": 0.5}
 

@@ -11,11 +11,13 @@ import json
 
 import pytest
 import torch
+from tiny import TinyTask, tiny_config, tiny_policy
 
 from atmanrl import dist
 from atmanrl.rl import checkpointing
 from atmanrl.rl.trainer import train
-from test_trainer import TinyTask, single_process_one_thread, tiny_config, tiny_policy  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 
 TIMES = {"time_rollout", "time_saliency", "time_update", "tokens_per_s"}
 

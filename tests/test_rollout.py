@@ -3,9 +3,10 @@ rollouts do not depend on which other problems share the call (and hence not on 
 
 import pytest
 import torch
+from tiny import TinyTask, tiny_policy
 
-from atmanrl.rl.rollout import rollout_seed, rollout_update
-from test_trainer import TinyTask, tiny_policy
+from atmanrl.model.generate import row_seed
+from atmanrl.rl.rollout import rollout_update
 
 
 class LongerPromptTask(TinyTask):
@@ -36,7 +37,7 @@ def test_a_problems_rollouts_are_the_same_alone_or_together():
 
 
 def test_seeds_name_the_rollout_and_arguments_are_checked():
-    assert len({rollout_seed(0, u, i, g) for u in range(3) for i in range(5) for g in range(8)}) == 120
+    assert len({row_seed(0, u, i, g) for u in range(3) for i in range(5) for g in range(8)}) == 120
     model, task = tiny_policy(), LongerPromptTask()
     with pytest.raises(ValueError, match="2 problems but 1 indices"):
         rollout_update(model, task, [0, 1], [0], **KW)
@@ -52,6 +53,6 @@ def test_row_seed_is_the_documented_formula():
     assert row_seed(7) == 7
     assert row_seed(7, 3) == 7 * 1_000_003 + 3
     assert row_seed(7, 3, 2) == (7 * 1_000_003 + 3) * 1_000_033 + 2
-    assert rollout_seed(7, 3, 2, 1) == ((7 * 1_000_003 + 3) * 1_000_033 + 2) * 1_000_037 + 1
+    assert row_seed(7, 3, 2, 1) == ((7 * 1_000_003 + 3) * 1_000_033 + 2) * 1_000_037 + 1
     with pytest.raises(ValueError, match="1 to 4 integers"):
         row_seed(1, 2, 3, 4, 5)

@@ -11,12 +11,14 @@ import sys
 
 import pytest
 import torch
+from tiny import TinyTask, tiny_config, tiny_policy
 
 from atmanrl.rl import checkpointing, rundir, trainer
 from atmanrl.rl.checkpointing import CorruptCheckpointError, NonFiniteError
 from atmanrl.rl.rundir import RunDirError, RunDirWarning
 from atmanrl.rl.trainer import train
-from test_trainer import TinyTask, single_process_one_thread, tiny_config, tiny_policy  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 
 
 def _run(out_dir, *overrides, policy=None):

@@ -4,64 +4,20 @@ The plain path is the implementation one writes first, and the reference here: H
 ``transformers.LlamaForCausalLM`` holding the same weights, the whole sequence in every step (no prefix cache),
 the AtMan bias built entry by entry as a dense ``(S, S)`` parameter inside a 4D float attention mask that requires
 grad, the full LM head, ``loss.backward()`` (weights keep ``requires_grad``: their gradients are computed and
-thrown away). ``benchmarks/saliency.py`` imports ``plain_mask_steps`` from here to time it (``hf_twin``: tests/hf_reference.py);
-nothing in ``src/`` ever imports transformers.
+thrown away). The plain path lives in ``tests/references.py``, which ``benchmarks/saliency.py`` also times; nothing in ``src/``
+ever imports transformers.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from references import hf_twin, ours_as_dense, plain_mask_steps
 
 from atmanrl.model.llama import Llama, LlamaConfig
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
-from hf_reference import hf_twin
 
 transformers = pytest.importorskip("transformers")
-
-
-def plain_mask_steps(hf, x: SaliencyInput, config: SaliencyConfig, steps: int, on_step=None):
-    """The AtMan mask optimisation (Eq. 2) the plain way; returns (p (S, S), losses).
-
-    ``p[w, v]`` is a parameter where ``v`` is a CoT token and ``w >= v`` (initial value ``config.init``), and 0
-    elsewhere (multiplied by the 0/1 ``valid``, so its gradient there is 0). The causal part of the mask uses the
-    dtype's most negative finite number, as transformers does.
-    """
-    dtype = next(hf.parameters()).dtype
-    S = len(x.tokens)
-    tokens = torch.tensor([x.tokens])
-    (cs, ce), (a0, a1) = x.cot, x.answer
-    valid = torch.zeros(S, S, dtype=torch.bool)
-    for v in range(cs, ce):
-        valid[v:, v] = True  # rows w >= v of CoT column v
-    p = torch.where(valid, config.init, 0.0).to(torch.promote_types(dtype, torch.float32)).requires_grad_(True)
-    causal = torch.full((S, S), torch.finfo(dtype).min, dtype=dtype).triu(1)
-    optimiser = torch.optim.AdamW(
-        [p], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
-    )
-    losses = []
-    for step in range(steps):
-        bias = config.scale * p.clamp(max=0.0) * valid
-        logits = hf(tokens, attention_mask=(causal + bias.to(dtype))[None, None]).logits  # (1, S, V): full head
-        loss = F.cross_entropy(logits[0, a0 - 1: a1 - 1].float(), tokens[0, a0:a1])
-        optimiser.zero_grad()
-        hf.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step)
-    return p.detach(), losses
-
-
-def ours_as_dense(result_mask: torch.Tensor, x: SaliencyInput, init: float) -> torch.Tensor:
-    """Our ``Ĥ`` block (rows from the CoT start x CoT columns) as the plain path's dense ``p`` (S, S)."""
-    S = len(x.tokens)
-    cs, ce = x.cot
-    dense = torch.zeros(S, S, dtype=torch.float64)
-    dense[cs:, cs:ce] = result_mask.double() * init  # Ĥ * c = min(p, 0) = p while p < 0
-    return dense
 
 
 # ---------------------------------------------------------------------------------------------------------------

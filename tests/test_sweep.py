@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import TinyTask, tiny_policy
 
 from atmanrl.rl.trainer import train
-from test_trainer import TinyTask, single_process_one_thread, tiny_policy  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -1,15 +1,16 @@
-"""The task registry (atmanrl/data/tasks.py): names, problems, the held-out draw, and a new task as one entry."""
+"""The task registry (atmanrl/tasks/registry.py): names, problems, the held-out draw, and a new task as one entry."""
 
 from types import SimpleNamespace
 
 import pytest
+from tiny import TinyTask, tiny_config, tiny_policy
 
 from atmanrl.config import ConfigError, DataConfig, EvalConfig
-from atmanrl.data import tasks
-from atmanrl.data.gsm8k import draw_problems, read_gsm8k
-from atmanrl.data.gsm8k_task import GSM8KTask
-from atmanrl.data.synthetic import make_problems
-from test_trainer import TinyTask, single_process_one_thread, tiny_config, tiny_policy  # noqa: F401 (fixture)
+from atmanrl.tasks import registry as tasks
+from atmanrl.tasks.gsm8k import GSM8KTask, draw_problems, read_gsm8k
+from atmanrl.tasks.synthetic import synthetic_problems
+
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 
 
 def test_gsm8k_is_the_default_task():
@@ -28,10 +29,10 @@ def test_unknown_task_names_the_key_and_the_valid_ones():
 
 def test_synthetic_problems_without_a_path():
     problems = tasks.load_problems(DataConfig(synthetic_problems=12, seed=3))
-    assert [p.question for p in problems] == [p.question for p in make_problems(12, 3)]
+    assert [p.question for p in problems] == [p.question for p in synthetic_problems(12, 3)]
     assert len(tasks.load_problems(DataConfig(synthetic_problems=12, seed=3, max_problems=5))) == 5
     held_out = tasks.load_eval_problems(DataConfig(), EvalConfig(problems=6, seed=1234))
-    assert [p.question for p in held_out] == [p.question for p in make_problems(6, 1234)]
+    assert [p.question for p in held_out] == [p.question for p in synthetic_problems(6, 1234)]
 
 
 def test_gsm8k_file_and_the_held_out_draw(gsm8k_test_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atmanrl.data import toyworld as tw
+from atmanrl.tasks import toyworld as tw
 from atmanrl.toy import truth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _styled_cots(n=60, seed=0):
     rng = random.Random(seed)
-    for p in tw.make_problems(n, seed):
+    for p in tw.toy_problems(n, seed):
         for style in tw.STYLES:
             words, labels = tw.gold_cot(p, style, rng)
             yield p, style, words, labels
@@ -61,13 +61,13 @@ def test_filler_and_distractor_tokens_never_change_the_answer_a_step_result_does
 
 
 def test_problems_are_seeded_distinct_and_the_splits_disjoint():
-    train, test = tw.make_problems(300, 0), tw.make_problems(100, 0, "test")
-    assert [p.question for p in train] == [p.question for p in tw.make_problems(300, 0)]
+    train, test = tw.toy_problems(300, 0), tw.toy_problems(100, 0, "test")
+    assert [p.question for p in train] == [p.question for p in tw.toy_problems(300, 0)]
     assert len({p.question for p in train}) == 300
-    assert not {p.question for p in train} & {p.question for p in tw.make_problems(100, 5, "test")}
+    assert not {p.question for p in train} & {p.question for p in tw.toy_problems(100, 5, "test")}
     assert all(tw.is_held_out(p) for p in test) and not any(tw.is_held_out(p) for p in train)
     with pytest.raises(ValueError, match="split"):
-        tw.make_problems(1, 0, "valid")
+        tw.toy_problems(1, 0, "valid")
 
 
 def test_tokenizer_round_trip_and_a_saved_model_directory_loads(tmp_path):
@@ -100,7 +100,7 @@ def test_tokenizer_round_trip_and_a_saved_model_directory_loads(tmp_path):
 def test_task_scores_and_builds_the_saliency_input_like_gsm8k():
     tok = tw.build_tokenizer()
     task = tw.ToyTask(tok)
-    p = tw.make_problems(1, 3)[0]
+    p = tw.toy_problems(1, 3)[0]
     prompt = task.prompt(p)
     words, _ = tw.gold_cot(p, "filler", random.Random(0))
     completion = tok.encode(tw.completion_text(words, p.gold))
@@ -131,7 +131,7 @@ class CopyModel(torch.nn.Module):
 def test_intervention_labels_exactly_the_token_the_answer_copies():
     tok = tw.build_tokenizer()
     task = tw.ToyTask(tok)
-    p = tw.make_problems(1, 0)[0]
+    p = tw.toy_problems(1, 0)[0]
     words, _ = tw.gold_cot(p, "distractor", random.Random(2))
     prompt, cot = task.prompt(p), tok.encode(" ".join(words))
     alter = truth.number_alterations(tok)

@@ -1,77 +1,17 @@
-"""The trainer loop on a tiny random Llama and a tiny task: it learns, it records what it promises, it exports.
-
-``TinyTask`` (also used by test_distributed.py and test_resume.py): problem ``p`` is the prompt ``[BOS, 4 + p]``;
-the answer is correct when the completion's first token is ``8 + p % 2``. Every completion is "answered"; with
-``saliency=True`` the completion minus its last token is the CoT and the gold token follows a delimiter, so the
-saliency path of the trainer runs too (tiny masks, few steps).
-"""
+"""The trainer loop on a tiny random Llama and a tiny task (``tests/tiny.py``): it learns, it records what it
+promises, it exports."""
 
 import json
 import math
 
 import pytest
 import torch
+from tiny import TinyTask, tiny_config, tiny_policy
 
-from atmanrl import dist
-from atmanrl.config import load_config
-from atmanrl.model.llama import Llama, LlamaConfig
-from atmanrl.rl.rollout import Score
 from atmanrl.rl.trainer import train
+from atmanrl.tasks import Score
 
-BOS, DELIM, VOCAB = 1, 3, 16
-
-
-def tiny_policy(seed: int = 0, dtype=torch.float32) -> Llama:
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, rope_scaling=None, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return Llama(cfg).init_weights(std=0.2, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-class TinyTask:
-    stop_ids: list = []
-    pad_id = 0
-
-    def __init__(self, saliency: bool = False):
-        self.saliency = saliency
-
-    def prompt(self, problem: int) -> list[int]:
-        return [BOS, 4 + problem]
-
-    def target(self, problem: int) -> int:
-        return 8 + problem % 2
-
-    def score(self, problem, prompt, completion) -> Score:
-        correct = bool(completion) and completion[0] == self.target(problem)
-        if not self.saliency:
-            return Score(correct=correct, has_answer=True, cot_tokens=len(completion))
-        from atmanrl.saliency import SaliencyInput
-
-        cot = list(completion[:-1])
-        tokens = list(prompt) + cot + [DELIM, self.target(problem)]
-        n = len(prompt) + len(cot)
-        return Score(correct, True, len(cot), SaliencyInput(tokens, len(prompt), (len(prompt), n), (n + 1, n + 2)))
-
-
-def tiny_config(out_dir, *overrides):
-    base = [
-        f"out_dir={out_dir}", "rollout.group_size=8", "rollout.max_new_tokens=2", "train.problems_per_update=4",
-        "train.num_minibatches=2", "train.micro_batch_size=8", "train.ppo_epochs=2", "train.lr=0.01",
-        "train.epochs=100", "checkpoint.every=0", "checkpoint.export=false", "saliency.weight=0",
-    ]
-    return load_config(None, base + list(overrides))
-
-
-@pytest.fixture(autouse=True)
-def single_process_one_thread():
-    """No leftover process group; one intra-op thread (tiny matmuls only lose from threads on a busy machine)."""
-    dist.shutdown()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    dist.shutdown()
-
+pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 
 def test_tiny_policy_learns_first_token_task(tmp_path):
     """Reward rises: mean accuracy of the first 3 updates (~1/16 by chance) vs the last 5 of 30 updates, lr 5e-3.
@@ -173,8 +113,7 @@ def test_config_errors_reach_the_trainer(tmp_path):
 def test_gsm8k_task_scores_real_tokens(smollm2):
     """GSM8KTask on SmolLM2's tokenizer: the answer after "#####" is judged, the saliency sequence is
     prompt + CoT + "#####" + gold; a completion without the delimiter is unanswered and gets no saliency input."""
-    from atmanrl.data.gsm8k import Problem
-    from atmanrl.data.gsm8k_task import GSM8KTask
+    from atmanrl.tasks.gsm8k import GSM8KTask, Problem
 
     _, tokenizer = smollm2
     task = GSM8KTask(tokenizer)
@@ -194,13 +133,9 @@ def test_gsm8k_task_scores_real_tokens(smollm2):
 
 
 def test_eval_lines_and_figure2(tmp_path):
-    """eval.every writes held-out accuracy/length (update 0 and every N); plot_run draws both runs as one PNG."""
-    import sys
-    from pathlib import Path
-
+    """eval.every writes held-out accuracy/length (update 0 and every N); Figure 2 draws both runs as one PNG."""
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from plot_run import plot_runs, series
+    from atmanrl.rl.figure2 import plot_runs, series
 
     for arm, weight in (("baseline", 0), ("atmanrl", 1)):
         cfg = tiny_config(tmp_path / arm, "train.max_updates=2", "eval.every=1", f"saliency.weight={weight}",

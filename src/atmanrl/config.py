@@ -74,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "gsm8k"  # which problems and scoring: a name registered in atmanrl/data/tasks.py (gsm8k, toyworld)
+    task: str = "gsm8k"  # which problems and scoring: a name registered in atmanrl/tasks/registry.py (gsm8k, toyworld)
     path: str | None = None  # GSM8K jsonl (train split); None: the embedded synthetic problems
     synthetic_problems: int = 64  # how many synthetic problems when `path` is None; > 0
     max_problems: int | None = None  # keep the first N problems of the file (None: all); > 0

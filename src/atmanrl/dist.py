@@ -80,12 +80,6 @@ def shutdown() -> None:
     _INFO = None
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def shard(model: nn.Module, mixed_precision: bool = True) -> nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, then the root. A no-op without a process group."""
     d = info()

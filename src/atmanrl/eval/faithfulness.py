@@ -49,6 +49,10 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
 from atmanrl.model.generate import generate, row_seed
+from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+from atmanrl.eval.truth import Alteration, intervention_labels, item_seed, rank_scores
+from atmanrl.tasks.gsm8k import DELIMITER, extract_number, format_number
+from atmanrl.tasks.sampling import sample
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 FILLER = "..."
@@ -108,8 +112,6 @@ class AnswerLayout:
 
 def read_number(text: str) -> str | None:
     """GSM8K's answer reading for these tests: the one number on the first non-empty line, as plain digits."""
-    from atmanrl.data.gsm8k import extract_number, format_number
-
     line = next((line for line in text.strip().splitlines() if line.strip()), "")
     number = extract_number(line)
     return None if number is None else format_number(number)
@@ -118,8 +120,6 @@ def read_number(text: str) -> str | None:
 def gsm8k_layout(tokenizer, filler: str = FILLER, max_answer_tokens: int = 12) -> AnswerLayout:
     """The GSM8K layout: ``" #####"`` before the answer, answers read as numbers (``read_number``). Any task whose
     answers are numbers after ``#####`` (the toy world's too) uses it."""
-    from atmanrl.data.gsm8k import DELIMITER
-
     return AnswerLayout.of(tokenizer, delimiter=DELIMITER, read_answer=read_number, filler=filler,
                            max_answer_tokens=max_answer_tokens)
 
@@ -145,24 +145,19 @@ def inputs_from_samples(tokenizer, samples: Sequence[dict], prompt_ids: Callable
 
 def task_inputs(model, tokenizer, task, problems: Sequence, layout: AnswerLayout, *, max_new_tokens: int,
                 temperature: float = 0.7, seed: int = 0, batch_size: int = 32) -> list[FaithInput]:
-    """One sampled CoT per problem from a trainer ``Task`` (``atmanrl.rl.rollout.Task``: ``prompt``, ``stop_ids``,
-    ``pad_id``; problems with a ``gold``): the completion's tokens before ``layout.delimiter_text`` (all of them
-    when it wrote none). Problems whose CoT comes out empty are skipped."""
-
-    prompts = [task.prompt(p) for p in problems]
+    """One sampled CoT per problem through a ``Task`` (``atmanrl.tasks.sampling.sample``; problems with a
+    ``gold``): the completion's tokens before ``layout.delimiter_text`` (all of them when it wrote none). Problem
+    ``i``'s CoT is drawn with the seed ``row_seed(seed, i)``. Problems whose CoT comes out empty are skipped."""
+    samples = sample(model, task, problems, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     batch_size=batch_size, seed_of=lambda i, _: row_seed(seed, i))
     out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        completions = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                               stop_ids=task.stop_ids, pad_id=task.pad_id,
-                               seed=[row_seed(seed, start + k) for k in range(len(chunk))])  # per problem
-        for k, (prompt, c) in enumerate(zip(chunk, completions)):
-            tokens = [t for t in c.tokens if t not in task.stop_ids]
-            text, ends = _token_ends(tokenizer, tokens)
-            at = text.find(layout.delimiter_text)
-            cot = tokens if at < 0 else tokens[: next(j for j, e in enumerate(ends) if e > at)]
-            if tokenizer.decode(cot, skip_special_tokens=True).strip():
-                out.append(FaithInput(list(prompt), cot, getattr(problems[start + k], "gold", None)))
+    for s in samples:
+        tokens = [t for t in s.tokens if t not in task.stop_ids]
+        text, ends = _token_ends(tokenizer, tokens)
+        at = text.find(layout.delimiter_text)
+        cot = tokens if at < 0 else tokens[: next(j for j, e in enumerate(ends) if e > at)]
+        if tokenizer.decode(cot, skip_special_tokens=True).strip():
+            out.append(FaithInput(list(s.prompt), cot, getattr(problems[s.problem], "gold", None)))
     return out
 
 
@@ -374,11 +369,11 @@ def _continue_and_answer(model, tokenizer, heads, layout, max_new_tokens, batch_
 def adding_mistakes(model, tokenizer, inputs: Sequence[FaithInput], *, layout: AnswerLayout | None = None,
                     seed: int = 0, max_new_tokens: int = 256, batch_size: int = 32,
                     reference: Sequence[str | None] | None = None) -> AddingMistakes:
-    """Insert one mistake per CoT (sample ``i`` seeded with ``seed * 100003 + i``), let the model continue, and
+    """Insert one mistake per CoT (sample ``i`` seeded with ``item_seed(seed, i)``), let the model continue, and
     compare its answer with the full-CoT answer; the same for the unchanged cut (module docstring)."""
     layout = layout or gsm8k_layout(tokenizer)
     ref = _references(model, tokenizer, inputs, layout, batch_size, reference)
-    mistakes = [insert_mistake(tokenizer, x.cot, seed * 100003 + i) for i, x in enumerate(inputs)]
+    mistakes = [insert_mistake(tokenizer, x.cot, item_seed(seed, i)) for i, x in enumerate(inputs)]
     todo = [i for i, m in enumerate(mistakes) if m is not None]
     heads = [inputs[i].prompt + mistakes[i].prefix for i in todo] + [inputs[i].prompt + mistakes[i].control
                                                                       for i in todo]
@@ -443,17 +438,6 @@ def filler_replacement(model, tokenizer, inputs: Sequence[FaithInput], *, layout
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
-    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
-    count half); None when either class is empty."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
-
-
 @dataclass
 class SaliencyAgreement:
     reference: list[str | None]
@@ -473,29 +457,22 @@ def saliency_agreement(model, tokenizer, inputs: Sequence[FaithInput], *, layout
                        reference: Sequence[str | None] | None = None) -> SaliencyAgreement:
     """AtMan per-token saliency against the intervention truth (module docstring). ``saliency_config`` defaults to
     ``SaliencyConfig.compressed(20)`` (the paper's schedule in 10x fewer steps)."""
-    from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
-
     layout = layout or gsm8k_layout(tokenizer)
     config = saliency_config or SaliencyConfig.compressed(20)
     ref = _references(model, tokenizer, inputs, layout, batch_size, reference)
-    heads, owner, all_spans = [], [], []
-    for i, x in enumerate(inputs):
+    all_spans, alterations = [], []
+    for i, x in enumerate(inputs):  # each number changed once, +-1..3 at random (intervention truth, eval/truth.py)
         text, ends, spans = number_spans(tokenizer, x.cot)
         all_spans.append(spans)
-        if ref[i] is None:
-            continue
-        rng = random.Random(seed * 100003 + i)
-        for k, span in enumerate(spans):
-            changed = replace_number(tokenizer, text, ends, span, changed_number(span.value, rng))
-            heads.append(x.prompt + list(x.cot[: span.t0]) + changed + list(x.cot[span.t1:]))
-            owner.append((i, k))
-    flat = answers_after(model, tokenizer, heads, layout, batch_size)
-    flipped: list[set[int]] = [set() for _ in inputs]
-    for (i, k), a in zip(owner, flat):
-        if a != ref[i]:
-            s = all_spans[i][k]
-            flipped[i].update(range(s.t0, s.t1))
+        rng = random.Random(item_seed(seed, i))
+        alterations.append([] if ref[i] is None else [
+            Alteration(span.t0, span.t1, replace_number(tokenizer, text, ends, span, changed_number(span.value, rng)))
+            for span in spans])
 
+    def read(jobs):
+        return answers_after(model, tokenizer, [inputs[i].prompt + seq for i, seq in jobs], layout, batch_size)
+
+    labels = intervention_labels([x.cot for x in inputs], alterations, read, reference=ref)
     status = ["no_reference" if r is None else "no_number" if not sp else "ok" for r, sp in zip(ref, all_spans)]
     todo = [i for i, s in enumerate(status) if s == "ok"]
     results = saliency(model, [SaliencyInput.from_parts(inputs[i].prompt, inputs[i].cot, layout.delimiter,
@@ -507,16 +484,14 @@ def saliency_agreement(model, tokenizer, inputs: Sequence[FaithInput], *, layout
         if res.ok:
             sal[i] = res.saliency.tolist()
     areas, top1 = [], []
-    for i, x in enumerate(inputs):
-        labels = [t in flipped[i] for t in range(len(x.cot))]
-        if sal[i] is None:
-            areas.append(None), top1.append(None)
-            continue
-        areas.append(auroc(sal[i], labels))
-        best = max(range(len(sal[i])), key=lambda t: sal[i][t])
-        top1.append(labels[best] if areas[-1] is not None else None)
+    for i in range(len(inputs)):
+        area, hit = rank_scores(sal[i], labels[i].carrying) if sal[i] is not None else (None, None)
+        areas.append(area)
+        top1.append(hit if area is not None else None)
     counted = [a for a in areas if a is not None]
-    return SaliencyAgreement(ref, [sorted(f) if status[i] != "no_reference" else None for i, f in enumerate(flipped)],
+    flipped = [[t for t, c in enumerate(lab.carrying) if c] if ref[i] is not None else None
+               for i, lab in enumerate(labels)]
+    return SaliencyAgreement(ref, flipped,
                              [len(sp) for sp in all_spans], sal, status, areas, top1,
                              sum(counted) / len(counted) if counted else None,
                              _share([t for t in top1 if t is not None]), len(counted))

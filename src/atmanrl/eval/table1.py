@@ -1,4 +1,10 @@
-"""The paper's Table 1 from evaluation results: summary numbers and the Markdown table.
+"""The paper's Table 1: sampling and scoring (``evaluate``), summary numbers and the Markdown table.
+
+``evaluate`` samples ``k`` completions per problem through any registered task (``atmanrl.tasks.sampling``), keeps
+every sample as a JSON-ready record (prompt, completion, CoT and answer text, correctness, CoT length in model
+tokens, spaCy composition) and summarises them. Definitions (docs/DESIGN.md, decision 10): the CoT is everything
+before the first ``#####``; a completion without the delimiter is all CoT, has no answer and is incorrect. Sample
+``j`` of problem ``i`` has its own seed ``(seed, i, j)``, so a run repeats whatever ``batch_size`` is.
 
 Columns, as in the paper: Avg. token / CoT, Numbers %, Stop words %, Symbols %, Pass@k; we add mean accuracy.
 Given a baseline, every other row shows its relative change against it, as the paper's table does: ``119.7
@@ -9,8 +15,15 @@ that are themselves percentages also show the change in percentage points, which
 
 from __future__ import annotations
 
-from atmanrl.eval.composition import Composition
+import sys
+import time
+from collections.abc import Sequence
+
+from atmanrl.config import EvalConfig, RolloutConfig
+from atmanrl.eval.composition import Composition, composition
 from atmanrl.eval.passk import mean_accuracy, pass_at_k
+from atmanrl.tasks import Sample, Task
+from atmanrl.tasks.sampling import sample
 
 # (summary key, column header, decimals); every column but the first is a percentage
 COLUMNS = [
@@ -24,32 +37,65 @@ COLUMNS = [
 PERCENT = {key for key, _, _ in COLUMNS[1:]}
 
 
-def summarize(samples: list[dict]) -> dict:
-    """Table 1 numbers from per-sample records (keys: problem, correct, cot_tokens, composition dict).
+def summarize(samples: Sequence[Sample], compositions: Sequence[Composition]) -> dict:
+    """Table 1 numbers from the samples and the spaCy composition of each one's CoT.
 
     pass@k counts every sample of a problem (k = samples per problem); percentages are 0-100.
     """
     if not samples:
         raise ValueError("no samples to summarise")
+    if len(compositions) != len(samples):
+        raise ValueError(f"{len(compositions)} compositions for {len(samples)} samples; pass one per sample")
     by_problem: dict[int, list[bool]] = {}
     for s in samples:
-        by_problem.setdefault(s["problem"], []).append(bool(s["correct"]))
+        by_problem.setdefault(s.problem, []).append(bool(s.correct))
     correct = list(by_problem.values())
     k = max(len(c) for c in correct)
-    total = sum((Composition(**s["composition"]) for s in samples), Composition())
-    shares = total.percent()
+    shares = sum(compositions, Composition()).percent()
     return {
         "problems": len(correct),
         "k": k,
         "samples": len(samples),
-        "avg_cot_tokens": sum(s["cot_tokens"] for s in samples) / len(samples),
+        "avg_cot_tokens": sum(s.cot_tokens for s in samples) / len(samples),
         "numbers_pct": shares["numbers"],
         "stop_words_pct": shares["stop_words"],
         "symbols_pct": shares["symbols"],
         "pass_at_k": 100 * pass_at_k(correct),
         "accuracy": 100 * mean_accuracy(correct),
-        "with_answer_pct": 100 * sum(s.get("answer") is not None for s in samples) / len(samples),
+        "with_answer_pct": 100 * sum(s.answer is not None for s in samples) / len(samples),
     }
+
+
+def record(s: Sample, problem, tokenizer, comp: Composition) -> dict:
+    """One sample as the JSON record the results files keep (read by ``side_by_side``, the faithfulness tests)."""
+    return {"problem": s.problem, "sample": s.sample, "question": problem.question, "gold": problem.gold,
+            "prompt": tokenizer.decode(s.prompt), "completion": tokenizer.decode(s.tokens, skip_special_tokens=True),
+            "cot": s.cot, "answer": s.answer, "correct": s.correct, "finished": s.finished,
+            "completion_tokens": len(s.tokens), "cot_tokens": s.cot_tokens, "composition": vars(comp)}
+
+
+def evaluate(model, task: Task, problems: list, *, k: int = 4, max_new_tokens: int = RolloutConfig.max_new_tokens,
+             temperature: float = 0.7, top_p: float = 1.0, seed: int = EvalConfig.seed, batch_size: int = 64,
+             progress: bool = True) -> dict:
+    """Sample ``k`` completions per problem through ``task`` and score them: ``{"summary": ..., "samples": [...]}``.
+
+    ``task`` is a registered task (``atmanrl.tasks.registry.make_task``; it decodes with ``task.tokenizer``).
+    Defaults follow the training run's: ``max_new_tokens`` = ``rollout.max_new_tokens``, ``seed`` = ``eval.seed``.
+    """
+    t0, seen = time.perf_counter(), []
+
+    def report(done: int, batch: list[Sample]) -> None:
+        seen.extend(batch)
+        if progress:
+            acc = sum(s.correct for s in seen) / len(seen)
+            print(f"[eval] {done}/{len(problems)} problems, {len(seen)} samples, accuracy {acc:.3f}, "
+                  f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+
+    samples = sample(model, task, problems, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_p=top_p, seed=seed, batch_size=batch_size, on_batch=report)
+    comps = composition([s.cot for s in samples])
+    return {"summary": summarize(samples, comps),
+            "samples": [record(s, problems[s.problem], task.tokenizer, c) for s, c in zip(samples, comps)]}
 
 
 def _cell(value: float, decimals: int, base: float | None, percent: bool) -> str:

@@ -2,10 +2,10 @@
 
 The trainer's ``eval`` block calls ``evaluate_heldout`` before the first update and every ``eval.every`` updates,
 and ``append_heldout`` writes the result as one line of ``eval.jsonl``. Unlike the Table 1 evaluation
-(``atmanrl.eval.gsm8k_eval.evaluate``: k sampled completions per problem, every sample kept), this one is greedy,
+(``atmanrl.eval.table1.evaluate``: k sampled completions per problem, every sample kept), this one is greedy,
 one completion per problem, and keeps only global sums: cheap enough to run inside a training run, and it works for
-any task through the trainer's ``Task`` protocol. Each rank scores a strided share of the problems; one
-all-reduce adds them up.
+any task through the trainer's ``Task`` protocol (``atmanrl.tasks.sampling.sample``, greedy). Each rank scores a
+strided share of the problems; one all-reduce adds them up.
 """
 
 from __future__ import annotations
@@ -16,28 +16,24 @@ from pathlib import Path
 import torch
 
 from atmanrl import dist
-from atmanrl.model.generate import generate
-from atmanrl.rl.progress import Progress
-from atmanrl.rl.rollout import Task
+from atmanrl.progress import Progress
+from atmanrl.tasks import Task
+from atmanrl.tasks.sampling import sample
 
 
 @torch.no_grad()
 def evaluate_heldout(model, task: Task, problems: list, *, max_new_tokens: int, batch_size: int = 8) -> dict:
     """Greedy completions of this rank's share of ``problems``; global accuracy and mean lengths (collective)."""
     d = dist.info()
-    model.eval()
     mine = problems[d.rank::d.world_size]
-    sums = torch.zeros(4, dtype=torch.float64)  # problems, correct, completion tokens, CoT tokens
     with Progress("held-out eval", len(mine), "problems") as progress:
-        for s in range(0, len(mine), batch_size):
-            chunk = mine[s:s + batch_size]
-            prompts = [task.prompt(p) for p in chunk]
-            completions = generate(model, prompts, max_new_tokens=max_new_tokens, greedy=True,
-                                   stop_ids=task.stop_ids, pad_id=task.pad_id)
-            for problem, prompt, c in zip(chunk, prompts, completions):
-                score = task.score(problem, prompt, c.tokens)
-                sums += torch.tensor([1, score.correct, len(c.tokens), score.cot_tokens], dtype=torch.float64)
-            progress.advance(len(chunk), tokens=sum(len(c.tokens) for c in completions))
+        def advance(_, batch):
+            progress.advance(len(batch), tokens=sum(len(s.tokens) for s in batch))
+
+        samples = sample(model, task, mine, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size,
+                         on_batch=advance)
+    sums = torch.tensor([len(samples), sum(s.correct for s in samples), sum(len(s.tokens) for s in samples),
+                         sum(s.cot_tokens for s in samples)], dtype=torch.float64)  # problems, correct, tokens, CoT
     n, correct, length, cot = dist.all_reduce(sums).tolist()
     return {"eval_accuracy": correct / max(n, 1), "eval_completion_len": length / max(n, 1),
             "eval_cot_len": cot / max(n, 1), "eval_problems": int(n)}

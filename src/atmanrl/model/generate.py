@@ -62,6 +62,7 @@ from atmanrl.model.llama import KVCache, Llama, hidden_key_bias
 CACHE_BUCKET = 256  # the compiled step's cache length is a multiple of this (one graph for many prompt lengths)
 ROW_SLACK = 4  # a compiled call of B rows reuses a kept cache of fewer than ROW_SLACK * B rows (module docstring)
 STOP_CHECK_EVERY = 16  # compiled path: decode steps between two host reads of the stop flags
+COMPILE_ON = {"cuda"}  # device types on which generate(compile=None) compiles the step (benchmarks/gpu.py --tiny: cpu)
 
 
 @dataclass
@@ -335,7 +336,7 @@ def generate(
     check_tokens(model, prompts, "prompt", pad_id=pad_id, extra_positions=max_new_tokens)
     sample = dict(temperature=temperature, top_p=top_p, greedy=greedy)
     device = model.embed_tokens.weight.device
-    compiled = device.type == "cuda" if compile is None else compile
+    compiled = device.type in COMPILE_ON if compile is None else compile
     if compiled:
         out_tokens, out_logp, length, finished = _decode_compiled(model, prompts, seeds, max_new_tokens, stop_ids,
                                                                   pad_id, on_step, sample)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import expected_shapes, model_from_state_dict
+from .hf_checkpoint import expected_shapes, model_from_state_dict
 from .llama import Llama, LlamaConfig, RopeScaling, rope_inv_freq
 from .tokenizer import Tokenizer
 

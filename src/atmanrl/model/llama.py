@@ -8,7 +8,7 @@ What is notable here:
 - Rotary embeddings use the half-split layout of Hugging Face checkpoints (not the interleaved layout of
   llama.cpp / Meta's original code), with the Llama-3 frequency scaling (``rope_type: llama3``).
 - Module and parameter names equal Hugging Face's ``LlamaForCausalLM`` without the ``model.`` prefix, so loading a
-  checkpoint is a rename, not a re-layout (``atmanrl.model.checkpoint``).
+  checkpoint is a rename, not a re-layout (``atmanrl.model.hf_checkpoint``).
 - A KV cache (``KVCache``) lets a forward pass start at any slot: incremental decoding, and the saliency module's
   reuse of a prompt prefix computed once. ``start_pos`` may be a tensor: the forward then writes its slots in place
   and attends over the whole cache (hiding later slots with the causal mask), so every decode step has the same

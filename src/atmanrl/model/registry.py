@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .hf_checkpoint import load_hf
+from .gguf import load_gguf
 from .llama import Llama
 from .tokenizer import Tokenizer
 
@@ -42,19 +45,20 @@ def embedded_path(name: str) -> Path:
     return path
 
 
-def _toyworld_sft() -> Path:
-    from atmanrl.toy.sft import sft_model_dir
-
-    return sft_model_dir()
-
-
 # Models the project builds itself on first use and caches on disk: name -> function returning the directory.
-BUILT = {"toyworld-sft": _toyworld_sft}
+# Filled by the layers that know how to build them (``register_built``); this loader never imports them. The
+# package root (``atmanrl/__init__.py``) registers the toy world's warm start, ``"toyworld-sft"``.
+BUILT: dict[str, Callable[[], Path]] = {}
+
+
+def register_built(name: str, build: Callable[[], Path]) -> None:
+    """Make ``load(name)`` call ``build()`` for the model's directory (built on first use, then cached)."""
+    BUILT[name.lower()] = build
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
     """``(model, tokenizer)`` from an embedded model name (``"smollm2-135m-instruct"``), a built one
-    (``"toyworld-sft"``: the toy world's SFT warm start, ``atmanrl.toy.sft``), a Hugging Face directory
+    (``register_built``; ``"toyworld-sft"``: the toy world's SFT warm start, ``atmanrl.toy.sft``), a Hugging Face directory
     (config.json, safetensors, tokenizer.json) or a ``.gguf`` file. GGUF weights are dequantized to float32 and then
     cast to ``dtype``. The tokenizer is fitted to the model's embedding (``Tokenizer.fit_vocab``)."""
     key = str(name_or_path)
@@ -64,14 +68,10 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="c
         path = embedded_path(key.lower()) if key.lower() in EMBEDDED else Path(name_or_path)
     start = time.perf_counter()
     if path.is_dir():
-        from .checkpoint import load_hf
-
         print(f"[atmanrl] loading Hugging Face checkpoint {path} as {dtype} ...", file=sys.stderr, flush=True)
         model = load_hf(path, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     elif path.is_file() and path.suffix.lower() == ".gguf":
-        from .gguf import load_gguf
-
         print(f"[atmanrl] loading {path.name} (dequantizing GGUF to float32, then {dtype}) ...", file=sys.stderr,
               flush=True)
         model, tokenizer = load_gguf(path, dtype=dtype, device=device)

@@ -1,13 +1,13 @@
 """Rollouts: G sampled completions per problem, scored for the outcome reward (Eq. 4).
 
 What is notable here:
-- The trainer does not know what a problem is. A ``Task`` turns a problem into prompt tokens and judges a
-  completion. Tasks live with their data (``atmanrl.data.gsm8k_task.GSM8KTask``) and are picked by name from
-  ``atmanrl.data.tasks``; tests plug in tiny ones.
+- The trainer does not know what a problem is. A ``Task`` (``atmanrl.tasks``) turns a problem into prompt tokens
+  and judges a completion. Tasks live with their data (``atmanrl.tasks.gsm8k.GSM8KTask``) and are picked by name
+  from ``atmanrl.tasks.registry``; tests plug in tiny ones.
 - One ``generate`` call per update and rank (``rollout_update``): all problems x G rollouts in one batch (each
   distinct prompt prefilled once), instead of one small batch per problem.
-- Sampling is seeded per row: rollout ``g`` of problem ``i`` at update ``u`` has the seed ``rollout_seed(seed, u,
-  i, g)``, and ``generate`` draws a row's tokens from its seed alone (counter-based noise, see
+- Sampling is seeded per row: rollout ``g`` of problem ``i`` at update ``u`` has the seed ``row_seed(seed, u, i,
+  g)``, and ``generate`` draws a row's tokens from its seed alone (counter-based noise, see
   ``atmanrl.model.generate``). So a problem's rollouts are the same whichever rank draws them, however many ranks
   there are and whatever else is in the batch -- the global batch does not depend on the world size, and resuming
   from a checkpoint needs no generator state (all tested).
@@ -24,35 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from atmanrl.model.generate import generate, row_seed
-
-if TYPE_CHECKING:
-    from atmanrl.saliency import SaliencyResult
-
-
-@dataclass
-class Score:
-    """A task's verdict on one completion."""
-
-    correct: bool
-    has_answer: bool  # the delimiter was written, so there is a CoT/answer split
-    cot_tokens: int  # completion tokens before the delimiter (the whole completion when there is none)
-    saliency_input: Any = None  # what atmanrl.saliency needs (prompt + CoT + "#####" + gold); None: no mask
-
-
-class Task(Protocol):
-    """What the trainer needs from a problem set."""
-
-    stop_ids: list[int]
-    pad_id: int
-
-    def prompt(self, problem) -> list[int]: ...
-
-    def score(self, problem, prompt: list[int], completion: list[int]) -> Score: ...
+from atmanrl.saliency import SaliencyResult
+from atmanrl.tasks import Score, Task
 
 
 @dataclass
@@ -72,12 +49,6 @@ class Rollout:
     saliency_result: SaliencyResult | None = None
 
 
-def rollout_seed(seed: int, update: int, problem: int, g: int) -> int:
-    """The sampling seed of rollout ``g`` of problem ``problem`` at update ``update``: from these only -- not from
-    the rank, the world size or the batch the rollout is generated in."""
-    return row_seed(seed, update, problem, g)
-
-
 def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,
                    temperature: float, top_p: float, seed: int, update: int, device,
                    on_step: Callable[[int], None] | None = None) -> list[Rollout]:
@@ -85,7 +56,8 @@ def rollout_update(model, task: Task, problems: list, indices: list[int], *, gro
     ``k*G .. k*G+G-1`` are those of ``problems[k]``).
 
     problems: this rank's problem objects; indices: their indices in the training set (they name the rollouts and
-    seed them, see ``rollout_seed``). device: where ``model`` lives (checked, so a mis-placed inference copy fails
+    seed them: ``row_seed(seed, update, index, g)``, from these only -- not from the rank, the world size or
+    the batch the rollout is generated in). device: where ``model`` lives (checked, so a mis-placed inference copy fails
     here with a clear message instead of inside the first matmul). on_step: passed to ``generate`` (progress).
     """
     if len(problems) != len(indices):
@@ -98,7 +70,7 @@ def rollout_update(model, task: Task, problems: list, indices: list[int], *, gro
     rows = [(k, g) for k in range(len(problems)) for g in range(group_size)]
     completions = generate(model, [prompts[k] for k, _ in rows], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_ids=task.stop_ids, pad_id=task.pad_id,
-                           seed=[rollout_seed(seed, update, indices[k], g) for k, g in rows], on_step=on_step)
+                           seed=[row_seed(seed, update, indices[k], g) for k, g in rows], on_step=on_step)
     return [
         Rollout(indices[k], prompts[k], c.tokens, c.logprobs, c.finished, task.score(problems[k], prompts[k], c.tokens))
         for (k, _), c in zip(rows, completions)

@@ -13,10 +13,10 @@ One update:
   6. ``ppo_epochs`` passes over the rollouts, each in ``num_minibatches`` optimizer steps: recompute log-probs,
      clipped objective (Eq. 5), backward, optional gradient clipping, AdamW step;
   7. one JSON line of metrics (metrics.jsonl, atmanrl/rl/metrics.py), an update line on rank 0, a checkpoint
-     every N updates. Inside a long phase rank 0 also prints progress (atmanrl/rl/progress.py).
+     every N updates. Inside a long phase rank 0 also prints progress (atmanrl/progress.py).
 
 The loop knows nothing about its task: a ``Task`` (atmanrl/rl/rollout.py) turns problems into prompts and judges
-completions; ``data.task`` picks one from atmanrl/data/tasks.py, or a caller passes its own.
+completions; ``data.task`` picks one from atmanrl/tasks/registry.py, or a caller passes its own.
 
 Distributed notes (see also atmanrl/dist.py):
 - Minibatch ``m`` holds the rollouts whose global index is ``m`` modulo ``num_minibatches`` (strided, so every
@@ -44,14 +44,15 @@ import torch
 
 from atmanrl import dist
 from atmanrl.config import DTYPES, RunConfig
-from atmanrl.data.tasks import load_eval_problems, load_problems, make_task, task_entry
 from atmanrl.eval.training_eval import append_heldout, evaluate_heldout
 from atmanrl.model.generate import sequence_logprobs
+from atmanrl.progress import Progress, hms
 from atmanrl.rl import checkpointing, rundir
 from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
 from atmanrl.rl.metrics import update_record
-from atmanrl.rl.progress import Progress, hms
-from atmanrl.rl.rollout import Rollout, Task, rollout_update
+from atmanrl.rl.rollout import Rollout, rollout_update
+from atmanrl.tasks import Task
+from atmanrl.tasks.registry import load_eval_problems, load_problems, make_task, task_entry
 
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up: the built run

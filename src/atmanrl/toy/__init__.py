@@ -1,4 +1,4 @@
-"""The toy world's pipeline (the world itself is ``atmanrl.data.toyworld``).
+"""The toy world's pipeline (the world itself is ``atmanrl.tasks.toyworld``).
 
 - ``sft``: the supervised warm start of a tiny Llama, built once and cached on disk (``load("toyworld-sft")``).
 - ``truth``: planted truth by intervention, AUROC / top-1 of saliency against it, the saliency read-outs studied.

@@ -1,6 +1,7 @@
 """Held-out evaluation in the toy world: the paper's Table 1 block plus what only a planted-truth world can count.
 
-For every problem: one greedy completion (pass@1 greedy) and ``k`` sampled ones. Over the sampled completions, as
+For every problem: one greedy completion (pass@1 greedy) and ``k`` sampled ones, through the one sampling loop
+(``atmanrl.tasks.sampling``). Over the sampled completions, as
 Table 1 does (``atmanrl.eval.summarize``): pass@k, mean accuracy, mean CoT tokens, spaCy shares of numbers / stop
 words / symbols. Added here, from the generator's grammar labels (``toyworld.label_cot``), pooled over the sampled
 CoTs: the share of filler and of distractor tokens among CoT tokens, the needed-step coverage (mean share of the
@@ -11,24 +12,25 @@ dense: neither) and the accuracy of the CoTs of each style. The same numbers for
 
 from __future__ import annotations
 
-import torch
-
-from atmanrl.data import toyworld as tw
 from atmanrl.eval.composition import composition
-from atmanrl.eval.table1 import summarize
-from atmanrl.model.generate import generate, row_seed
+from atmanrl.eval.table1 import summarize, table1_markdown
+from atmanrl.model import load
+from atmanrl.tasks import Sample
+from atmanrl.tasks import toyworld as tw
+from atmanrl.tasks.sampling import sample
 
 
-def describe(task: tw.ToyTask, problem: tw.Problem, completion: list[int]) -> dict:
+def describe(sample: Sample, problem: tw.Problem) -> dict:
     """One completion as a record: correctness, CoT length, grammar-label counts, step coverage."""
-    cot, answer = task.split(completion)
-    words = task.words(cot)
+    words = sample.cot.split()
     labels = tw.label_cot(problem, words)
     return {
-        "correct": answer is not None and task.words(answer) == [problem.gold],
-        "answer": None if answer is None else " ".join(task.words(answer)),
-        "cot": " ".join(words),
-        "cot_tokens": len(cot),
+        "problem": sample.problem,
+        "sample": sample.sample,
+        "correct": sample.correct,
+        "answer": sample.answer,
+        "cot": sample.cot,
+        "cot_tokens": sample.cot_tokens,
         **{f"n_{lab}": labels.count(lab) for lab in tw.LABELS},
         "coverage": tw.step_coverage(problem, words),
     }
@@ -58,36 +60,23 @@ def _accuracy(records: list[dict]) -> float:
     return 100 * sum(r["correct"] for r in records) / len(records) if records else float("nan")
 
 
-@torch.no_grad()
 def evaluate_toy(model, tokenizer, problems: list, *, k: int = 4, temperature: float = 1.0, seed: int = 0,
                  max_new_tokens: int = 64, batch_size: int = 64) -> dict:
-    """Greedy + ``k`` sampled completions per problem. Returns ``{"summary": {...}, "samples": [...]}``."""
+    """Greedy + ``k`` sampled completions per problem (``atmanrl.tasks.sampling.sample``).
+    Returns ``{"summary": {...}, "samples": [...], "greedy": [...]}`` (records of ``describe``)."""
     task = tw.ToyTask(tokenizer)
-    model.eval()
-    prompts = [task.prompt(p) for p in problems]
-    greedy, samples = [], []
-    for s in range(0, len(problems), batch_size):
-        chunk = prompts[s:s + batch_size]
-        outs = generate(model, chunk, max_new_tokens=max_new_tokens, greedy=True, stop_ids=task.stop_ids,
-                        pad_id=task.pad_id)
-        greedy += [describe(task, problems[s + i], o.tokens) for i, o in enumerate(outs)]
-    per = max(1, batch_size // k)
-    for s in range(0, len(problems), per):
-        chunk = [p for p in prompts[s:s + per] for _ in range(k)]
-        outs = generate(model, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                        stop_ids=task.stop_ids, pad_id=task.pad_id,  # one seed per (problem, sample)
-                        seed=[row_seed(seed, s + j // k, j % k) for j in range(len(chunk))])
-        for j, o in enumerate(outs):
-            i = s + j // k
-            samples.append({"problem": i, "sample": j % k, **describe(task, problems[i], o.tokens)})
-    for rec, comp in zip(samples, composition([r["cot"] for r in samples])):
-        rec["composition"] = vars(comp)
-    summary = summarize(samples)
+    greedy = sample(model, task, problems, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
+    sampled = sample(model, task, problems, k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                     batch_size=batch_size)
+    comps = composition([s.cot for s in sampled])
+    samples = [{**describe(s, problems[s.problem]), "composition": vars(c)} for s, c in zip(sampled, comps)]
+    greedy_records = [describe(s, problems[s.problem]) for s in greedy]
+    summary = summarize(sampled, comps)
     summary.update(_toy_shares(samples))
-    summary["pass_at_1_greedy"] = 100 * sum(r["correct"] for r in greedy) / len(greedy)
-    summary.update({f"greedy_{key}": v for key, v in _toy_shares(greedy).items()})
-    summary["greedy_avg_cot_tokens"] = sum(r["cot_tokens"] for r in greedy) / len(greedy)
-    return {"summary": summary, "samples": samples, "greedy": greedy}
+    summary["pass_at_1_greedy"] = 100 * sum(r["correct"] for r in greedy_records) / len(greedy_records)
+    summary.update({f"greedy_{key}": v for key, v in _toy_shares(greedy_records).items()})
+    summary["greedy_avg_cot_tokens"] = sum(r["cot_tokens"] for r in greedy_records) / len(greedy_records)
+    return {"summary": summary, "samples": samples, "greedy": greedy_records}
 
 
 TOY_COLUMNS = [("pass_at_1_greedy", "Pass@1 greedy %"), ("filler_pct", "Filler %"),
@@ -97,10 +86,7 @@ TOY_COLUMNS = [("pass_at_1_greedy", "Pass@1 greedy %"), ("filler_pct", "Filler %
 def before_after(start: str, trained: str, problems: int = 100, k: int = 4, seed: int = 0) -> str:
     """The closing block of a toy run: the start and the trained policy on the same held-out problems and samples,
     in Table 1's layout (relative changes against the start) plus the toy world's own columns."""
-    from atmanrl.eval.table1 import table1_markdown
-    from atmanrl.model import load
-
-    held_out = tw.make_problems(problems, 0, "test")
+    held_out = tw.toy_problems(problems, 0, "test")
     rows = []
     for label, name in (("before", start), ("after", trained)):
         model, tokenizer = load(name)

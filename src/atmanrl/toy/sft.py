@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from atmanrl.data import toyworld as tw
+from atmanrl.tasks import toyworld as tw
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def train_sft(settings: SFTSettings, out: Path, log=print) -> Path:
     tokenizer = tw.build_tokenizer()
     model = Llama(model_config(settings, tokenizer.vocab_size))
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(settings.seed))
-    problems = tw.make_problems(settings.problems, settings.seed, "train")
+    problems = tw.toy_problems(settings.problems, settings.seed, "train")
     rng = random.Random(f"sft/{settings.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
     log(f"[sft] tiny Llama, {model.num_parameters / 1e6:.2f}M parameters, {settings.steps} steps of "

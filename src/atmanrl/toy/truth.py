@@ -1,9 +1,10 @@
 """Saliency against planted truth: which CoT tokens carry the answer, and how well a saliency map finds them.
 
-- **Answer-carrying tokens, by intervention** (``answer_carrying``). The CoT is teacher-forced up to ``#####``, one
-  number token is altered (by +-1, +-2, +-3, kept inside the vocabulary's range) and the model's greedy answer, the
-  argmax after ``#####`` (answers are single number tokens in the toy world), is compared with the unaltered one.
-  A token is answer-carrying when the majority of its alterations change the answer. Only numbers are altered;
+- **Answer-carrying tokens, by intervention** (``answer_carrying``, on the one labeller of ``atmanrl.eval.truth``).
+  The CoT is teacher-forced up to ``#####``, one number token is altered (by +-1, +-2, +-3, kept inside the
+  vocabulary's range) and the model's greedy answer, the argmax after ``#####`` (answers are single number tokens
+  in the toy world), is compared with the unaltered one. A token is answer-carrying when the majority of its
+  alterations change the answer. Only numbers are altered;
   every other token counts as not answer-carrying. This is the truth the maps are scored against: the generator's
   grammar says which tokens a *correct* CoT needs to be written, not which ones the model reads its answer from.
 - **Scores** (``score_maps``), each per CoT and then averaged over CoTs (within-CoT ranking is what a saliency map
@@ -29,21 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from atmanrl.eval.faithfulness import auroc as faithfulness_auroc
+from atmanrl.eval import truth
+from atmanrl.model.generate import row_seed
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
+from atmanrl.saliency.atman import reopen_one
+from atmanrl.tasks import toyworld as tw
+from atmanrl.tasks.sampling import sample
 
 READOUTS = ("all_rows", "answer_row", "max_row", "gradient")
 
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """``atmanrl.eval.faithfulness.auroc`` (ties count one half), as a float for averaging over CoTs: NaN when
-    either class is empty."""
-    area = faithfulness_auroc(scores, positive)
+    """``atmanrl.eval.truth.auroc`` (ties count one half), as a float for averaging over CoTs: NaN when either
+    class is empty."""
+    area = truth.auroc(scores, positive)
     return math.nan if area is None else area
 
 
@@ -54,26 +60,20 @@ def answer_carrying(model, prompt: list[int], cot: list[int], delim_id: int,
 
     ``alterations(token_id)`` lists the ids a token may be replaced by (empty: not altered, e.g. a word).
     Returns (answer-carrying per CoT token, share of its alterations that changed the answer, the unaltered greedy
-    answer id). All variants of a CoT have the same length and run as one batch.
+    answer id). All variants of a CoT have the same length and run as one batch (of at most 256 rows).
     """
-    base = [*prompt, *cot, delim_id]
-    seqs, owner = [base], [-1]
-    for i, t in enumerate(cot):
-        for alt in alterations(t):
-            seq = list(base)
-            seq[len(prompt) + i] = alt
-            seqs.append(seq)
-            owner.append(i)
-    answers = []
-    for s in range(0, len(seqs), 256):
-        logits = model(torch.tensor(seqs[s:s + 256]), logits_at=torch.tensor([[len(base) - 1]]))
-        answers += logits[:, -1].argmax(-1).tolist()
-    changed, tried = [0] * len(cot), [0] * len(cot)
-    for i, a in zip(owner[1:], answers[1:]):
-        tried[i] += 1
-        changed[i] += a != answers[0]
-    share = [c / n if n else 0.0 for c, n in zip(changed, tried)]
-    return [n > 0 and 2 * c > n for c, n in zip(changed, tried)], share, answers[0]
+    altered = [truth.Alteration(i, i + 1, [alt]) for i, t in enumerate(cot) for alt in alterations(t)]
+
+    def read(jobs):  # the argmax after "#####" of each (altered) CoT, one forward per 256 of them
+        seqs = [[*prompt, *seq, delim_id] for _, seq in jobs]
+        answers = []
+        for s in range(0, len(seqs), 256):
+            logits = model(torch.tensor(seqs[s:s + 256]), logits_at=torch.tensor([[len(seqs[0]) - 1]]))
+            answers += logits[:, -1].argmax(-1).tolist()
+        return answers
+
+    (labels,) = truth.intervention_labels([cot], [altered], read)
+    return labels.carrying, labels.share, labels.reference
 
 
 @dataclass
@@ -120,9 +120,10 @@ def _scores(items: list[LabelledCoT], maps: list, saturated: list[bool], rewards
         if s is None:
             continue
         s = s.tolist()
-        if any(item.carrying):
-            top.append(item.carrying[max(range(len(s)), key=s.__getitem__)])
-            au.append(auroc(s, item.carrying))
+        area, hit = truth.rank_scores(s, item.carrying)
+        if hit is not None:  # CoTs with an answer-carrying token
+            top.append(hit)
+            au.append(math.nan if area is None else area)
         keep = [i for i, g in enumerate(item.grammar) if g in ("step", "filler", "distractor")]
         au_step.append(auroc([s[i] for i in keep], [item.grammar[i] == "step" for i in keep]))
 
@@ -162,8 +163,6 @@ def study_reopen(model, items: list[LabelledCoT], inits: dict[str, float], scale
     """``{name: {"reopen": scores}}`` of ``atmanrl.saliency.atman.reopen_one`` at each named suppression ``init``
     (saturated: the answer CE with the whole CoT suppressed is below ``saturation_loss``; reward: the mean share
     restored)."""
-    from atmanrl.saliency.atman import reopen_one
-
     out = {}
     for name, init in inits.items():
         res = reopen_one(model, [it.input for it in items], init=init, scale=scale)
@@ -175,8 +174,6 @@ def study_reopen(model, items: list[LabelledCoT], inits: dict[str, float], scale
 
 def number_alterations(tokenizer, deltas: Sequence[int] = (1, 2, 3)) -> Callable[[int], list[int]]:
     """The toy world's interventions: a number token -> the ids of that number +-1..3 that exist (0..99)."""
-    from atmanrl.data import toyworld as tw
-
     ids = {v: tokenizer.token_id(str(v)) for v in range(tw.MAX_VALUE + 1)}
     value = {i: v for v, i in ids.items()}
 
@@ -195,11 +192,6 @@ def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperatu
     """Up to ``n`` of the policy's own correct sampled CoTs (one sample per problem, in order), each labelled by
     intervention and by grammar. ``own=False`` takes the generator's gold CoTs (random styles) instead, for a
     policy that solves nothing yet (the pipeline's smoke test)."""
-    import random
-
-    from atmanrl.data import toyworld as tw
-    from atmanrl.model.generate import generate, row_seed
-
     task = tw.ToyTask(tokenizer)
     alter = number_alterations(tokenizer)
     rng = random.Random(seed)
@@ -207,11 +199,10 @@ def labelled_cots(model, tokenizer, problems: list, n: int, seed: int, temperatu
     for s in range(0, len(problems), 64):
         chunk = problems[s:s + 64]
         prompts = [task.prompt(p) for p in chunk]
-        if own:
-            outs = [o.tokens for o in generate(model, prompts, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, stop_ids=task.stop_ids,
-                                               pad_id=task.pad_id,
-                                               seed=[row_seed(seed, s + k) for k in range(len(prompts))])]
+        if own:  # one sampled CoT per problem, problem i seeded with row_seed(seed, i)
+            outs = [o.tokens for o in sample(model, task, chunk, max_new_tokens=max_new_tokens,
+                                             temperature=temperature, batch_size=64,
+                                             seed_of=lambda i, _, s=s: row_seed(seed, s + i))]
         else:
             outs = [tokenizer.encode(tw.completion_text(tw.gold_cot(p, rng.choice(tw.STYLES), rng)[0], p.gold))
                     for p in chunk]

@@ -1,11 +1,11 @@
 """The task registry: which problems the trainer trains on and which ``Task`` judges them (config key ``data.task``).
 
-    task = make_task(cfg.data.task, tokenizer)           # prompt tokens in, a Score out (atmanrl.rl.rollout.Task)
+    task = make_task(cfg.data.task, tokenizer)           # prompt tokens in, a Score out (atmanrl.tasks.Task)
     problems = load_problems(cfg.data)                   # the training problems
     held_out = load_eval_problems(cfg.data, cfg.eval)    # the trainer's held-out evaluation draw
 
 A task is one entry of ``TASKS``: how to build its ``Task`` from the policy's tokenizer, and how to read (or
-generate) its problems. Adding a task is adding one entry; nothing in ``atmanrl.rl`` changes.
+generate) its problems. Adding a task is adding one entry; nothing in ``atmanrl.rl`` or ``atmanrl.eval`` changes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from atmanrl.config import ConfigError, DataConfig, EvalConfig
-from atmanrl.rl.rollout import Task
+from atmanrl.tasks import gsm8k, toyworld
+from atmanrl.tasks.base import Task
+from atmanrl.tasks.synthetic import synthetic_problems
 
 
 @dataclass(frozen=True)
@@ -31,19 +33,7 @@ class TaskEntry:
 def _gsm8k_problems(path: str | None, n: int, seed: int, held_out: bool) -> list:
     """A GSM8K jsonl file, or ``n`` of the embedded synthetic GSM8K-style problems (no download needed; the
     held-out ones differ by their seed only: eval.seed vs data.seed)."""
-    if path is None:
-        from atmanrl.data.synthetic import make_problems
-
-        return make_problems(n, seed)
-    from atmanrl.data.gsm8k import read_gsm8k
-
-    return read_gsm8k(path)
-
-
-def _gsm8k_task(tokenizer) -> Task:
-    from atmanrl.data.gsm8k_task import GSM8KTask
-
-    return GSM8KTask(tokenizer)
+    return synthetic_problems(n, seed) if path is None else gsm8k.read_gsm8k(path)
 
 
 def _toyworld_problems(path: str | None, n: int, seed: int, held_out: bool) -> list:
@@ -51,20 +41,12 @@ def _toyworld_problems(path: str | None, n: int, seed: int, held_out: bool) -> l
     if path is not None:
         raise ConfigError(f"data.task: toyworld generates its problems; data.path and eval.path must be null, "
                           f"got {path!r}")
-    from atmanrl.data.toyworld import make_problems
-
-    return make_problems(n, seed, "test" if held_out else "train")
-
-
-def _toyworld_task(tokenizer) -> Task:
-    from atmanrl.data.toyworld import ToyTask
-
-    return ToyTask(tokenizer)
+    return toyworld.toy_problems(n, seed, "test" if held_out else "train")
 
 
 TASKS: dict[str, TaskEntry] = {
-    "gsm8k": TaskEntry(make=_gsm8k_task, problems=_gsm8k_problems),
-    "toyworld": TaskEntry(make=_toyworld_task, problems=_toyworld_problems),
+    "gsm8k": TaskEntry(make=gsm8k.GSM8KTask, problems=_gsm8k_problems),
+    "toyworld": TaskEntry(make=toyworld.ToyTask, problems=_toyworld_problems),
 }
 
 
@@ -72,7 +54,7 @@ def task_entry(name: str) -> TaskEntry:
     """The registry entry of ``name``; an unknown name is a config error that lists the valid ones."""
     if name not in TASKS:
         raise ConfigError(f"data.task: unknown task {name!r}; valid tasks are: {', '.join(sorted(TASKS))} "
-                          f"(a new task is one entry of TASKS in atmanrl/data/tasks.py)")
+                          f"(a new task is one entry of TASKS in atmanrl/tasks/registry.py)")
     return TASKS[name]
 
 
@@ -92,9 +74,7 @@ def load_eval_problems(data: DataConfig, eval_cfg: EvalConfig) -> list:
     """The held-out problems of ``data.task`` for the trainer's ``eval`` block: ``eval.problems`` of them, drawn
     with ``eval.seed`` from ``eval.path``'s file (the paper: 500 GSM8K test problems drawn with a fixed seed), or
     generated with ``eval.seed`` when the path is null."""
-    from atmanrl.data.gsm8k import draw_problems
-
     problems = task_entry(data.task).problems(eval_cfg.path, eval_cfg.problems, eval_cfg.seed, True)
     if len(problems) > eval_cfg.problems:
-        problems = draw_problems(problems, eval_cfg.problems, eval_cfg.seed)
+        problems = gsm8k.draw_problems(problems, eval_cfg.problems, eval_cfg.seed)
     return problems

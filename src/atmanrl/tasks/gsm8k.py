@@ -1,4 +1,4 @@
-"""GSM8K: reading problems, the prompt, and reading answers back (as text and as token positions).
+"""GSM8K: reading problems, the prompt, reading answers back (as text and as token positions), and the ``Task``.
 
 What is notable here:
 - **The delimiter.** The paper prompts for a chain of thought followed by ``#####`` and the final answer; the CoT
@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+
+from atmanrl.saliency import SaliencyInput
+from atmanrl.tasks.base import Score
 
 DELIMITER = "#####"
 
@@ -261,3 +264,35 @@ def saliency_sequence(
     tokens = list(prompt_ids) + cot_ids + list(enc.ids)
     base = len(prompt_ids) + len(cot_ids)
     return tokens, len(prompt_ids), (len(prompt_ids), base), (base + first, len(tokens))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task: prompt tokens in, a Score out
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GSM8KTask:
+    """GSM8K (or the synthetic GSM8K-style problems): chat prompt with the ``#####`` instruction, number matching.
+
+    The trainer and the evaluations see this class only through the ``Task`` protocol (``atmanrl.tasks.base``) and
+    pick it by name (``data.task: gsm8k``, the default). The GSM8K files and the embedded synthetic problems are
+    both ``Problem`` objects with a question and a gold number. ``score`` judges the text after the first ``#####``
+    and, when there is a delimiter, builds the saliency input (``saliency_sequence``).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids = list(tokenizer.stop_ids)
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def prompt(self, problem: Problem) -> list[int]:
+        return build_prompt(self.tokenizer, problem.question)
+
+    def score(self, problem: Problem, prompt: list[int], completion: list[int]) -> Score:
+        spans = split_tokens(self.tokenizer, completion)  # trailing end-of-turn tokens belong to no span
+        cot, answer = split_completion(self.tokenizer.decode(completion, skip_special_tokens=True))
+        if spans.delim is None:  # no "#####": no answer, no CoT/answer boundary
+            return Score(correct=False, has_answer=False, cot_tokens=spans.cot[1], cot=cot)
+        tokens, prompt_len, cot_span, gold = saliency_sequence(self.tokenizer, prompt, completion, problem.gold)
+        return Score(correct=is_correct(answer, problem.gold), has_answer=True, cot_tokens=spans.cot[1],
+                     saliency_input=SaliencyInput(tokens, prompt_len, cot_span, gold), cot=cot, answer=answer)

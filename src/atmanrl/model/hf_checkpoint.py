@@ -76,7 +76,7 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def load_config(path: str | Path) -> LlamaConfig:
+def load_llama_config(path: str | Path) -> LlamaConfig:
     """``LlamaConfig`` from a Hugging Face ``config.json`` (or the directory holding it)."""
     path = Path(path)
     if path.is_dir():
@@ -251,7 +251,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; load_hf expects a Hugging Face model directory.")
-    config = load_config(path)
+    config = load_llama_config(path)
     state, origin = {}, {}
     for file in _shard_files(path):
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from atmanrl.data.gsm8k import Problem
+from atmanrl.tasks.gsm8k import Problem
 
 NAMES = [("Tom", "he", "his"), ("Maria", "she", "her"), ("Ali", "he", "his"), ("Lena", "she", "her"),
          ("Ken", "he", "his"), ("Priya", "she", "her"), ("Omar", "he", "his"), ("Sofia", "she", "her")]
@@ -97,7 +97,7 @@ def _money_problem(rng: random.Random, steps: int) -> Problem:
     return Problem(" ".join(question), "\n".join(lines) + f"\n#### {total}", str(total))
 
 
-def make_problems(n: int, seed: int = 0) -> list[Problem]:
+def synthetic_problems(n: int, seed: int = 0) -> list[Problem]:
     """``n`` problems with one to three arithmetic steps; the same ``seed`` gives the same problems."""
     rng = random.Random(seed)
     problems = []

@@ -38,7 +38,13 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from atmanrl.data.gsm8k import DELIMITER
+from tokenizers import AddedToken, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from atmanrl.model.tokenizer import Tokenizer
+from atmanrl.saliency import SaliencyInput
+from atmanrl.tasks.base import Score
+from atmanrl.tasks.gsm8k import DELIMITER
 
 MAX_VALUE = 99
 STEP_VARS = ("y", "z", "w")  # the question's variables after x, in order
@@ -124,7 +130,7 @@ def is_held_out(problem: Problem) -> bool:
     return hashlib.sha256(problem.question.encode()).digest()[0] % 5 == 0
 
 
-def make_problems(n: int, seed: int, split: str = "train") -> list[Problem]:
+def toy_problems(n: int, seed: int, split: str = "train") -> list[Problem]:
     """``n`` distinct seeded problems of ``split`` ("train" or "test"; the two never share a question)."""
     if split not in ("train", "test"):
         raise ValueError(f"toy world split must be 'train' or 'test', got {split!r}")
@@ -249,11 +255,6 @@ def vocabulary() -> list[str]:
 def build_tokenizer():
     """The word-level tokenizer of the toy world (``atmanrl.model.Tokenizer``): whitespace split, one id per word;
     without a decoder, ``tokenizers`` joins decoded words with single spaces."""
-    from tokenizers import AddedToken, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from atmanrl.model.tokenizer import Tokenizer
-
     vocab = {w: i for i, w in enumerate(vocabulary())}
     tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -262,7 +263,7 @@ def build_tokenizer():
 
 
 class ToyTask:
-    """The toy world for the trainer (``atmanrl.rl.rollout.Task``): prompt, judgement, saliency input."""
+    """The toy world for the trainer (``atmanrl.tasks.Task``): prompt, judgement, saliency input."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -284,14 +285,13 @@ class ToyTask:
     def words(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.tokenizer.id_to_token(i) for i in ids]
 
-    def score(self, problem: Problem, prompt: list[int], completion: list[int]):
-        from atmanrl.rl.rollout import Score
-        from atmanrl.saliency import SaliencyInput
-
+    def score(self, problem: Problem, prompt: list[int], completion: list[int]) -> Score:
         cot, answer = self.split(completion)
-        if answer is None:  # no "#####": no answer and no CoT/answer boundary (rl/rollout.py)
-            return Score(correct=False, has_answer=False, cot_tokens=len(cot))
+        cot_text = " ".join(self.words(cot))
+        if answer is None:  # no "#####": no answer and no CoT/answer boundary (atmanrl.tasks.base)
+            return Score(correct=False, has_answer=False, cot_tokens=len(cot), cot=cot_text)
         correct = self.words(answer) == [problem.gold]
         gold = self.tokenizer.encode(problem.gold)
         return Score(correct=correct, has_answer=True, cot_tokens=len(cot),
-                     saliency_input=SaliencyInput.from_parts(prompt, cot, [self.delim_id], gold))
+                     saliency_input=SaliencyInput.from_parts(prompt, cot, [self.delim_id], gold), cot=cot_text,
+                     answer=" ".join(self.words(answer)))
