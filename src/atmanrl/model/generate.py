@@ -312,9 +312,10 @@ def generate(
     ``greedy=True`` takes the argmax. ``seed``: one seed per prompt (a sequence of ints), or one int from which
     row ``b`` gets the seed ``(seed, b)``; a row's tokens depend only on its prompt and its seed (module
     docstring). A sequence stops at the first token in ``stop_ids`` (e.g. the tokenizer's end-of-turn ids).
-    ``compile``: compile the decode step (None: on CUDA only). ``on_step(tokens)``: called after every decode step
-    with the number of tokens it produced (one per row still running), for progress display. Returns one
-    ``Completion`` per prompt, in order.
+    ``compile``: compile the decode step (None: on CUDA only). ``on_step(tokens)``: called once for every decode
+    step with the number of tokens it produced (one per row still running), for progress display -- after the
+    step on the eager path, at the next stop check (every ``STOP_CHECK_EVERY`` steps) on the compiled one. Returns
+    one ``Completion`` per prompt, in order.
     See the module docstring for exactly what ``logprobs`` holds.
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -337,12 +338,9 @@ def generate(
     sample = dict(temperature=temperature, top_p=top_p, greedy=greedy)
     device = model.embed_tokens.weight.device
     compiled = device.type in COMPILE_ON if compile is None else compile
-    if compiled:
-        out_tokens, out_logp, length, finished = _decode_compiled(model, prompts, seeds, max_new_tokens, stop_ids,
-                                                                  pad_id, on_step, sample)
-    else:
-        out_tokens, out_logp, length, finished = _decode_eager(model, prompts, seeds, max_new_tokens, stop_ids,
-                                                               pad_id, on_step, sample)
+    decode = _decode_compiled if compiled else _decode_eager
+    out_tokens, out_logp, length, finished = decode(model, prompts, seeds, max_new_tokens, stop_ids, pad_id, on_step,
+                                                    sample)
     return [Completion(out_tokens[b][: length[b]], out_logp[b][: length[b]], finished[b])
             for b in range(len(prompts))]
 
