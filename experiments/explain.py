@@ -18,6 +18,9 @@ compressed schedule ``SaliencyConfig.compressed(20)`` (20 steps at lr 1e-2: 10x 
 saliency comes to the 200-step result is measured in ``benchmarks/README.md``); it says so when it runs.
 ``--steps 200`` gives the paper's setting (lr defaults to 1e-3 * 200 / steps). ``--steps`` must be at least 1 and
 ``--lr`` a positive number: a 0 is refused, never replaced by a default.
+
+Every argument is checked before the model loads (numbers, ``--device``, ``--out``, text that is not UTF-8, an
+empty ``--answer``, a completion without a chain of thought); a user error ends with one sentence and exit code 2.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from atmanrl.config import UserError, device_arg, number_arg, text_arg
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
 from atmanrl.saliency.atman import atman_explanation
 from atmanrl.saliency.render import html_page, ranking, terminal
@@ -44,91 +48,94 @@ COMPLETION = (
 )
 ANSWER = "10"
 DELIMITER = "#####"
-PAPER_STEPS, PAPER_LR = 200, 1e-3
-CPU_STEPS = 20  # compressed schedule: lr scaled by PAPER_STEPS / CPU_STEPS
+PAPER_STEPS, PAPER_LR = SaliencyConfig().steps, SaliencyConfig().lr  # section 3.4: 200 steps at lr 1e-3
+CPU_STEPS = 20  # explain's own CPU default: SaliencyConfig.compressed(20), the paper's schedule in 20 steps
+
+
+def cot_text(completion: str) -> str:
+    """The completion's text before its first ``#####``; one without any chain of thought is a user error."""
+    cot = completion.split(DELIMITER, 1)[0].rstrip()
+    if not cot.strip():
+        raise UserError(f"--completion has no chain of thought before {DELIMITER!r}: nothing to explain")
+    return cot
 
 
 def build_input(tokenizer, question: str, completion: str, answer: str) -> tuple[SaliencyInput, list[str]]:
     """The saliency input and the CoT tokens as text, one string per token."""
-    cot_text = completion.split(DELIMITER, 1)[0].rstrip()
-    if not cot_text.strip():
-        raise SystemExit(f"the completion has no chain of thought before {DELIMITER!r}: nothing to explain")
     prompt = tokenizer.chat([{"role": "user", "content": question}])
-    cot = tokenizer.encode(cot_text)
+    cot = tokenizer.encode(cot_text(completion))
     x = SaliencyInput.from_parts(prompt, cot, tokenizer.encode(" " + DELIMITER), tokenizer.encode(" " + answer.strip()))
     return x, [tokenizer.decode([t]) for t in cot]
-
-
-def _positive(kind, name: str):
-    """An argparse type: a finite ``kind`` number > 0, with a sentence on error."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def check_device(name: str) -> torch.device:
-    """``--device`` as a torch device that exists on this machine, or a SystemExit that says what to pass."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"--device {name!r} is not a device torch knows; pass cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
-                         f"pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SystemExit(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def output_paths(text: str) -> tuple[Path, Path]:
     """(HTML page, Figure 1 PNG) from ``--out NAME.html``; a directory or another suffix is an error."""
     out = Path(text)
     if text.endswith(("/", "\\")) or out.is_dir():
-        raise SystemExit(f"--out {text} is a directory; pass a file name such as {out / 'explain.html'}")
+        raise UserError(f"--out {text} is a directory; pass a file name such as {out / 'explain.html'}")
     if out.suffix.lower() != ".html":
-        raise SystemExit(f"--out {out}: name the page NAME.html (NAME.png, the Figure 1 picture, goes next to it)")
+        raise UserError(f"--out {out}: name the page NAME.html (NAME.png, the Figure 1 picture, goes next to it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {text}: cannot create its directory ({e.strerror}); choose another --out") from None
     return out, out.with_suffix(".png")
 
 
-def main(argv=None) -> Path:
+def load_model(name: str, device):
+    """The model, refused (one sentence) when it cannot be read or holds NaN/inf weights."""
+    from atmanrl.model import load
+    from atmanrl.rl.checkpointing import nonfinite_parameters
+
+    try:
+        model, tokenizer = load(name, dtype=torch.float32, device=device)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: {e}") from None
+    bad = nonfinite_parameters(model, collective=False)
+    if bad:
+        raise UserError(f"--model {name}: the weights {bad[:5]} hold NaN/inf values; explain an intact model")
+    return model.eval(), tokenizer
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF directory or .gguf")
-    parser.add_argument("--question", default=QUESTION)
-    parser.add_argument("--completion", default=COMPLETION, help="the model's completion: CoT, then ##### answer")
-    parser.add_argument("--answer", default=ANSWER, help="the gold answer (teacher-forced after #####)")
-    parser.add_argument("--steps", type=_positive(int, "--steps"),
+    parser.add_argument("--model", type=text_arg("--model"), default="smollm2-135m-instruct",
+                        help="embedded name, HF directory or .gguf")
+    parser.add_argument("--question", type=text_arg("--question", empty=False), default=QUESTION)
+    parser.add_argument("--completion", type=text_arg("--completion", empty=False), default=COMPLETION,
+                        help="the model's completion: CoT, then ##### answer")
+    parser.add_argument("--answer", type=text_arg("--answer", empty=False), default=ANSWER,
+                        help="the gold answer (teacher-forced after #####)")
+    parser.add_argument("--steps", type=number_arg(int, "mask steps", 1),
                         help=f"mask steps (paper: {PAPER_STEPS}; CPU default: {CPU_STEPS})")
-    parser.add_argument("--lr", type=_positive(float, "--lr"), help="mask learning rate (default: 1e-3 * 200 / steps)")
+    parser.add_argument("--lr", type=number_arg(float, "mask learning rate", 0, low_open=True),
+                        help="mask learning rate (default: 1e-3 * 200 / steps)")
     parser.add_argument("--reward", choices=["reenable", "eq3"], default="reenable")
     parser.add_argument("--no-atman", action="store_true", help="skip the one-token-at-a-time ATMAN comparison")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="outputs/explain.html",
+    parser.add_argument("--out", type=text_arg("--out"), default="outputs/explain.html",
                         help="NAME.html: the HTML heat map; the Figure 1 PNG is written to NAME.png")
-    args = parser.parse_args(argv)
-    device = check_device(args.device)
-    html_path, png_path = output_paths(args.out)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        html_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"--out {args.out}: cannot create its directory ({e.strerror}); choose another --out") from None
+        explain(args)
+    except UserError as e:
+        print(f"explain.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
-    from atmanrl.model import load
 
-    model, tokenizer = load(args.model, dtype=torch.float32, device=device)
-    model.eval()
+def explain(args) -> Path:
+    device = device_arg("--device", args.device)
+    cot_text(args.completion)  # before the model loads
+    html_path, png_path = output_paths(args.out)
+    model, tokenizer = load_model(args.model, device)
     x, cot_tokens = build_input(tokenizer, args.question, args.completion, args.answer)
     steps = args.steps if args.steps is not None else PAPER_STEPS if device.type != "cpu" else CPU_STEPS
-    lr = args.lr if args.lr is not None else PAPER_LR * PAPER_STEPS / steps
+    lr = args.lr if args.lr is not None else SaliencyConfig.compressed(steps).lr
     note = f"{steps} mask steps at lr {lr:g}"
     if (steps, lr) != (PAPER_STEPS, PAPER_LR):
         keeps = math.isclose(steps * lr, PAPER_STEPS * PAPER_LR, rel_tol=1e-6)
@@ -160,7 +167,10 @@ def main(argv=None) -> Path:
               f"{ranking(cot_tokens, atman.delta_loss)}")
     page = html_page(result, cot_tokens, question=args.question, answer=args.answer, atman=atman,
                      config_note=f"Model {args.model}; {note}.")
-    html_path.write_text(page, encoding="utf-8")
+    try:
+        html_path.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {html_path} ({e.strerror}); free space or choose another --out") from None
     print(f"\nwrote {html_path.resolve()}")
     if result.ok:
         from atmanrl.saliency.figure1 import figure1
@@ -172,4 +182,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

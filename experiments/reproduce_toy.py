@@ -17,6 +17,12 @@
 
 ``--smoke`` runs the same pipeline with a model of a few thousand parameters and a handful of updates (seconds):
 the mechanics only, what tests/test_toyworld.py checks.
+
+``--reuse`` takes a part from ``OUT/parts`` only when it was computed with the settings asked for now (each part
+file records them: ``--updates``, ``--seeds``, the overrides, ...); a part of other settings is computed again, and
+the log says why. Every argument, every arm's config with the overrides, and every run directory an arm would
+refuse are checked before the warm start is evaluated; a user error ends with one sentence and exit code 2. With
+``--jobs N`` a failing part stops the others (no orphan process) and names its log.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from atmanrl.config import load_config
+from atmanrl.config import UserError, load_config, number_arg
 from atmanrl.model import load
+from atmanrl.rl import rundir
 from atmanrl.rl.figure2 import plot_runs
 from atmanrl.rl.trainer import train
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
@@ -101,19 +108,26 @@ def summary_row(summary: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def arm_config(args, arm: str, seed: int, policy_dir: Path):
+    """The run config of one arm and seed: ``toy_<arm>.yaml`` with the seed, the updates and ``--override``."""
+    out = args.out / "runs" / f"{arm}_seed{seed}"
+    overrides = [f"out_dir={json.dumps(str(out))}", f"model.name_or_path={json.dumps(str(policy_dir))}",
+                 f"train.seed={seed}", f"data.seed={seed}", f"train.max_updates={args.updates}", *args.override]
+    return load_config(HERE / "configs" / f"toy_{arm}.yaml", overrides)
+
+
 def run_arms(args, policy_dir: Path, tokenizer, test_problems, arms=ARMS) -> dict:
     runs = {}
     for arm in arms:
         for seed in range(args.seeds):
-            out = args.out / "runs" / f"{arm}_seed{seed}"
-            overrides = [f"out_dir={out}", f"model.name_or_path={policy_dir}", f"train.seed={seed}",
-                         f"data.seed={seed}", f"train.max_updates={args.updates}", *args.override]
-            cfg = load_config(HERE / "configs" / f"toy_{arm}.yaml", overrides)
+            cfg = arm_config(args, arm, seed, policy_dir)
+            out = Path(cfg.out_dir)
             log(f"arm {arm}, seed {seed}: {args.updates} updates -> {out}")
             t0 = time.perf_counter()
-            result = train(cfg)
-            seconds = time.perf_counter() - t0
-            policy, _ = load(out / "policy")
+            with rundir.hold(out):  # no other run takes the directory before its policy is read back
+                result = train(cfg)
+                seconds = time.perf_counter() - t0
+                policy, _ = load(out / "policy")
             ev = evaluate_toy(policy, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
             m = result.metrics
             runs[f"{arm}_seed{seed}"] = {
@@ -398,23 +412,70 @@ def run_part(args, part: str, policy_dir: Path, model, tokenizer, test_problems)
     return run_arms(args, policy_dir, tokenizer, test_problems, [part])
 
 
-def run_parts(args, argv: list[str], policy_dir: Path, model, tokenizer, test_problems) -> dict:
-    """Every part, in this process (``--jobs 1``) or as up to ``--jobs`` child processes (one part each, logs in
-    ``out/logs``); each part's numbers go to ``out/parts/<part>.json``."""
-    parts_dir = args.out / "parts"
-    parts_dir.mkdir(exist_ok=True)
-    todo = [p for p in PARTS if not (args.reuse and (parts_dir / f"{p}.json").is_file())]
+# The arguments each part's numbers depend on (--reuse compares them); a part not listed depends on all of them.
+PART_SETTINGS = {"truth": ("seeds", "truth_problems", "truth_cots", "gap_problems", "smoke"),
+                 **{arm: ("seeds", "updates", "heldout", "k", "eval_seed", "smoke", "override") for arm in ARMS}}
+NOT_SETTINGS = ("out", "jobs", "part", "reuse")
+
+
+def part_settings(args, part: str) -> dict:
+    """What ``part``'s numbers depend on; overrides of ``checkpoint.*`` (where and whether runs are saved) are not
+    settings of the results."""
+    names = PART_SETTINGS.get(part) or [k for k in vars(args) if k not in NOT_SETTINGS]
+    settings = {k: getattr(args, k) for k in names}
+    if "override" in settings:
+        settings["override"] = [o for o in settings["override"] if not o.startswith("checkpoint.")]
+    return settings
+
+
+def write_part(args, part: str, result: dict) -> None:
+    """``OUT/parts/<part>.json``: the part's numbers with the settings they were computed with."""
+    (args.out / "parts").mkdir(exist_ok=True)
+    (args.out / "parts" / f"{part}.json").write_text(
+        json.dumps({"settings": part_settings(args, part), "result": result}, default=str) + "\n")
+
+
+def reusable(args, part: str) -> bool:
+    """``--reuse``: does ``OUT/parts/<part>.json`` hold this part computed with the settings asked for now?"""
+    path = args.out / "parts" / f"{part}.json"
+    if not (args.reuse and path.is_file()):
+        return False
+    try:
+        saved = json.loads(path.read_text()).get("settings")
+    except (ValueError, AttributeError):
+        saved = None
+    now = json.loads(json.dumps(part_settings(args, part), default=str))
+    if saved != now:
+        differ = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in now.items()
+                           if saved.get(k) != v) if isinstance(saved, dict) else "no settings recorded"
+        log(f"--reuse: {path} was computed with other settings ({differ}); computing {part} again")
+        return False
+    return True
+
+
+def read_part(args, part: str) -> dict:
+    return json.loads((args.out / "parts" / f"{part}.json").read_text())["result"]
+
+
+def run_parts(args, argv: list[str], policy_dir: Path, model, tokenizer, test_problems, todo: list[str]) -> dict:
+    """The parts in ``todo``, in this process (``--jobs 1``) or as up to ``--jobs`` child processes (one part each,
+    logs in ``out/logs``); each part's numbers go to ``out/parts/<part>.json``. A failing child stops the others."""
     if len(todo) < len(PARTS):
-        log(f"--reuse: taking {sorted(set(PARTS) - set(todo))} from {parts_dir}")
+        log(f"--reuse: taking {sorted(set(PARTS) - set(todo))} from {args.out / 'parts'}")
     if args.jobs <= 1:
         for part in todo:
-            (parts_dir / f"{part}.json").write_text(
-                json.dumps(run_part(args, part, policy_dir, model, tokenizer, test_problems), default=str) + "\n")
+            write_part(args, part, run_part(args, part, policy_dir, model, tokenizer, test_problems))
     else:
-        import subprocess
+        run_children(args, argv, list(todo))
+    return {part: read_part(args, part) for part in PARTS}
 
-        (args.out / "logs").mkdir(exist_ok=True)
-        running = []
+
+def run_children(args, argv: list[str], todo: list[str]) -> None:
+    import subprocess
+
+    (args.out / "logs").mkdir(exist_ok=True)
+    running = []
+    try:
         while todo or running:
             while todo and len(running) < args.jobs:
                 part = todo.pop(0)
@@ -429,35 +490,91 @@ def run_parts(args, argv: list[str], policy_dir: Path, model, tokenizer, test_pr
                     logf.close()
                     running.remove(item)
                     if proc.returncode != 0:
-                        raise RuntimeError(f"part {part} failed (exit {proc.returncode}); see "
-                                           f"{args.out / 'logs' / f'{part}.log'}")
+                        raise PartFailed(f"part {part} failed (exit {proc.returncode}); see "
+                                         f"{args.out / 'logs' / f'{part}.log'}")
                     log(f"part {part} done")
-    return {part: json.loads((parts_dir / f"{part}.json").read_text()) for part in PARTS}
+    finally:
+        for part, proc, logf in running:  # a failed part (or Ctrl-C) stops its siblings: no orphan keeps running
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            logf.close()
+            log(f"stopped part {part}")
+
+
+class PartFailed(RuntimeError):
+    """A child process of --jobs failed; the message names its log."""
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
+    parser.add_argument("--seeds", type=number_arg(int, "seeds per arm", 1), default=3,
+                        help="seeds per arm (and CoT sets of the saliency study)")
+    parser.add_argument("--updates", type=number_arg(int, "updates per run", 1), default=30,
+                        help="updates per run (the same for every arm)")
+    parser.add_argument("--heldout", type=number_arg(int, "held-out problems", 1), default=200,
+                        help="held-out problems for the evaluation")
+    parser.add_argument("--k", type=number_arg(int, "samples per held-out problem", 1), default=4,
+                        help="samples per held-out problem (pass@k)")
+    parser.add_argument("--eval-seed", type=number_arg(int, "a seed", 0), default=0,
+                        help="sampling seed of the held-out evaluation")
+    parser.add_argument("--truth-problems", type=number_arg(int, "problems per CoT set", 1), default=96,
+                        help="problems per CoT set of the saliency study")
+    parser.add_argument("--truth-cots", type=number_arg(int, "CoTs per set", 1), default=48,
+                        help="correct CoTs per set of the saliency study")
+    parser.add_argument("--gap-problems", type=number_arg(int, "problems", 1), default=24,
+                        help="problems for the dense-vs-padded reward gap")
+    parser.add_argument("--jobs", type=number_arg(int, "parallel processes", 1), default=1,
+                        help="run the saliency study and the arms as this many parallel processes (one torch "
+                             "thread each)")
+    parser.add_argument("--part", choices=PARTS, help="compute only this part (a child process of --jobs)")
+    parser.add_argument("--reuse", action="store_true", help="take parts already in OUT/parts that were computed "
+                                                              "with the same settings")
+    parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
+    parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"argument --out: {args.out} is a file; name a directory for the reproduction")
+    return args
+
+
+def check_arms(args, policy_dir: Path, parts: list[str]) -> None:
+    """Every arm's config (the overrides included) and, for the arms to run, their run directories: a bad
+    override or a directory the run would refuse stops everything before any work."""
+    for arm in ARMS:
+        for seed in range(args.seeds):
+            try:
+                cfg = arm_config(args, arm, seed, policy_dir)
+                if arm in parts:
+                    rundir.check(cfg)
+            except UserError as e:
+                raise UserError(f"arm {arm}, seed {seed}: {e}") from None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/toyworld"))
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (and CoT sets of the saliency study)")
-    parser.add_argument("--updates", type=int, default=30, help="updates per run (the same for every arm)")
-    parser.add_argument("--heldout", type=int, default=200, help="held-out problems for the evaluation")
-    parser.add_argument("--k", type=int, default=4, help="samples per held-out problem (pass@k)")
-    parser.add_argument("--eval-seed", type=int, default=0, help="sampling seed of the held-out evaluation")
-    parser.add_argument("--truth-problems", type=int, default=96, help="problems per CoT set of the saliency study")
-    parser.add_argument("--truth-cots", type=int, default=48, help="correct CoTs per set of the saliency study")
-    parser.add_argument("--gap-problems", type=int, default=24, help="problems for the dense-vs-padded reward gap")
-    parser.add_argument("--jobs", type=int, default=1, help="run the saliency study and the arms as this "
-                                                             "many parallel processes (one torch thread each)")
-    parser.add_argument("--part", choices=PARTS, help="compute only this part (a child process of --jobs)")
-    parser.add_argument("--reuse", action="store_true", help="take parts already in OUT/parts (an interrupted or "
-                                                              "partial run with the same arguments)")
-    parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
-    parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
     argv = list(argv if argv is not None else sys.argv[1:])
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    try:
+        return reproduce(args, argv)
+    except UserError as e:
+        log(f"error: {e}")
+        return 2
+    except PartFailed as e:
+        log(f"error: {e}")
+        return 1
+    except OSError as e:
+        log(f"error: cannot use {e.filename or 'a file'} ({e.strerror or e}); free space or fix its permissions, "
+            "then run again with --reuse (finished parts are kept)")
+        return 2
+
+
+def reproduce(args, argv: list[str]) -> int:
     torch.manual_seed(0)
     t_begin = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
     settings = SFTSettings()
     if args.smoke:
         settings = SFTSettings(hidden_size=16, layers=1, heads=2, intermediate_size=32, steps=20, batch_size=8,
@@ -465,14 +582,19 @@ def main(argv=None) -> int:
         args.override = ["rollout.group_size=2", "rollout.max_new_tokens=12", "train.problems_per_update=2",
                          "saliency.steps=2", "eval.problems=4", "eval.every=1", "eval.max_new_tokens=12",
                          *args.override]
+    check_arms(args, Path("toyworld-sft"), [])  # every config and override, before anything runs
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {args.out}: cannot create it ({e.strerror}); choose another --out") from None
     policy_dir = sft_model_dir(settings, args.out / "sft" if args.smoke else None)
+    todo = [args.part] if args.part is not None else [p for p in PARTS if not reusable(args, p)]
+    check_arms(args, policy_dir, todo)  # the run directories of the arms to run, before the model is evaluated
     model, tokenizer = load(policy_dir)
     model.eval().requires_grad_(False)
     test_problems = tw.toy_problems(args.heldout, 0, "test")
     if args.part is not None:
-        result = run_part(args, args.part, policy_dir, model, tokenizer, test_problems)
-        (args.out / "parts").mkdir(exist_ok=True)
-        (args.out / "parts" / f"{args.part}.json").write_text(json.dumps(result, default=str) + "\n")
+        write_part(args, args.part, run_part(args, args.part, policy_dir, model, tokenizer, test_problems))
         return 0
     log(f"held-out evaluation of the warm start on {len(test_problems)} problems")
     sft_eval = evaluate_toy(model, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
@@ -485,7 +607,7 @@ def main(argv=None) -> int:
                 "parameters": model.num_parameters, "heldout": summary_row(sft_eval["summary"]),
                 "heldout_full": sft_eval["summary"]},
     }
-    parts = run_parts(args, _strip_jobs(argv), policy_dir, model, tokenizer, test_problems)
+    parts = run_parts(args, _strip_jobs(argv), policy_dir, model, tokenizer, test_problems, todo)
     results["truth"] = parts["truth"]
     runs = {name: run for arm in ARMS for name, run in parts[arm].items()}
     results["runs"] = runs

@@ -85,16 +85,16 @@ def test_shipped_configs_load():
         ("grpo.eps=0", r"grpo\.eps=0\.0 must be > 0"),
         ("grpo.eps=-0.2", r"grpo\.eps=-0\.2 must be > 0"),
         ("grpo.kl_beta=-1", r"grpo\.kl_beta=-1\.0 must be >= 0"),
-        ("train.micro_batch_size=0", r"train\.micro_batch_size=0 must be > 0"),
-        ("train.ppo_epochs=0", r"train\.ppo_epochs=0 must be > 0"),
-        ("train.num_minibatches=-1", r"train\.num_minibatches=-1 must be > 0"),
-        ("train.problems_per_update=-2", r"train\.problems_per_update=-2 must be > 0"),
-        ("train.epochs=0", r"train\.epochs=0 must be > 0"),
-        ("train.max_updates=0", r"train\.max_updates=0 must be > 0 \(or null\)"),
+        ("train.micro_batch_size=0", r"train\.micro_batch_size=0 must be >= 1"),
+        ("train.ppo_epochs=0", r"train\.ppo_epochs=0 must be >= 1"),
+        ("train.num_minibatches=-1", r"train\.num_minibatches=-1 must be >= 1"),
+        ("train.problems_per_update=-2", r"train\.problems_per_update=-2 must be >= 1"),
+        ("train.epochs=0", r"train\.epochs=0 must be >= 1"),
+        ("train.max_updates=0", r"train\.max_updates=0 must be >= 1, or null"),
         ("train.lr=0", r"train\.lr=0\.0 must be > 0"),
         ("train.weight_decay=-0.1", r"train\.weight_decay=-0\.1 must be >= 0"),
         ("train.betas=[0.9, 1.0]", r"train\.betas=\[0\.9, 1\.0\] must be two numbers in \[0, 1\)"),
-        ("rollout.max_new_tokens=0", r"rollout\.max_new_tokens=0 must be > 0"),
+        ("rollout.max_new_tokens=0", r"rollout\.max_new_tokens=0 must be >= 1"),
         ("rollout.group_size=1", r"rollout\.group_size=1 must be >= 2"),
         ("rollout.temperature=0", r"rollout\.temperature=0\.0 must be > 0"),
         ("rollout.temperature=-1", r"rollout\.temperature=-1\.0 must be > 0"),
@@ -102,10 +102,10 @@ def test_shipped_configs_load():
         ("rollout.top_p=1.5", r"rollout\.top_p=1\.5 must be in \(0, 1\]"),
         ("checkpoint.every=-1", r"checkpoint\.every=-1 must be >= 0"),
         ("checkpoint.keep=0", r"checkpoint\.keep=0 must be >= 1"),
-        ("eval.problems=0", r"eval\.problems=0 must be > 0"),
+        ("eval.problems=0", r"eval\.problems=0 must be >= 1"),
         ("eval.every=-5", r"eval\.every=-5 must be >= 0"),
-        ("eval.max_new_tokens=0", r"eval\.max_new_tokens=0 must be > 0"),
-        ("data.synthetic_problems=0", r"data\.synthetic_problems=0 must be > 0"),
+        ("eval.max_new_tokens=0", r"eval\.max_new_tokens=0 must be >= 1, or null"),
+        ("data.synthetic_problems=0", r"data\.synthetic_problems=0 must be >= 1"),
         ("saliency.scale=0", r"saliency\.scale=0\.0 must be > 0"),
         ("saliency.scale=-10", r"saliency\.scale=-10\.0 must be > 0"),
         ("saliency.steps=0", r"saliency\.steps=0 must be >= 1"),
@@ -113,7 +113,7 @@ def test_shipped_configs_load():
         ("saliency.init=0", r"saliency\.init=0\.0: the initial mask value c must be negative"),
         ("saliency.betas=[0.6, 1.5]", r"saliency\.betas=\[0\.6, 1\.5\] must be two numbers in \[0, 1\)"),
         ("saliency.max_batch=0", r"saliency\.max_batch=0 must be >= 1"),
-        ("saliency.weight=-1", r"saliency\.weight=-1\.0 must be a finite number >= 0.*eq3"),
+        ("saliency.weight=-1", r"saliency\.weight=-1\.0 must be >= 0 \(0: the outcome-only baseline.*eq3"),
     ],
 )
 def test_out_of_range_values_are_refused_at_load(override, message):
@@ -145,9 +145,9 @@ def test_zero_stays_allowed_where_it_means_something(override):
 def test_range_checks_also_guard_direct_construction():
     from atmanrl.config import TrainConfig
 
-    with pytest.raises(ValueError, match="micro_batch_size=0 must be > 0"):
+    with pytest.raises(ValueError, match="micro_batch_size=0 must be >= 1"):
         TrainConfig(micro_batch_size=0)
-    with pytest.raises(ValueError, match="grad_clip=-1 must be > 0"):
+    with pytest.raises(ValueError, match="grad_clip=-1 must be > 0, or null"):
         TrainConfig(grad_clip=-1)
     with pytest.raises(ValueError, match="lr=inf is not a finite number"):
         TrainConfig(lr=float("inf"))
@@ -214,3 +214,102 @@ def test_nested_saliency_sections_name_the_full_key():
     assert c.saliency.early_stop.every == 5
     with pytest.raises(ConfigError, match=r"^saliency\.early_stop\.every=0 must be >= 1"):
         load_config(None, ["saliency.early_stop={every: 0}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs that state only their difference (base:), overrides that merge, values never cut at a comment
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_shipped_configs_resolve_to_the_pinned_settings():
+    """The arm configs became `base:` + their difference; each still loads to exactly the RunConfig it gave as a
+    full copy (tests/data/shipped_configs.json was written from the full files before they were shortened)."""
+    import json
+
+    pinned = json.loads((Path(__file__).parent / "data" / "shipped_configs.json").read_text())
+    for name, expected in pinned.items():
+        assert to_dict(load_config(CONFIGS / name)) == expected, name
+        assert load_config(CONFIGS / name) == from_dict(RunConfig, expected), name
+
+
+@pytest.mark.parametrize("name, base, keys", [
+    ("toy_baseline.yaml", "toy_atmanrl.yaml", {"out_dir", "saliency"}),
+    ("toy_eq3.yaml", "toy_atmanrl.yaml", {"out_dir", "saliency"}),
+    ("toy_atmanrl_w10.yaml", "toy_atmanrl.yaml", {"out_dir", "saliency"}),
+    ("toy_eq3_w10.yaml", "toy_eq3.yaml", {"out_dir", "saliency"}),
+    ("cpu_default.yaml", "toy_atmanrl.yaml", {"out_dir", "checkpoint"}),
+    ("paper_llama32_3b_baseline.yaml", "paper_llama32_3b_atmanrl.yaml", {"out_dir", "saliency"}),
+])
+def test_arm_configs_are_their_base_and_their_difference(name, base, keys):
+    import yaml
+
+    own = yaml.safe_load((CONFIGS / name).read_text())
+    assert own.pop("base") == base and set(own) == keys
+    assert sum(len(v) if isinstance(v, dict) else 1 for v in own.values()) <= 2  # one or two changed settings
+
+
+def test_a_base_chain_merges_sections_key_by_key(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("out_dir: a\nsaliency:\n  steps: 7\n  lr: 0.5\ntrain:\n  lr: 1.0e-3\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nsaliency:\n  weight: 0\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nout_dir: b\n")  # relative to its own directory
+    c = load_config(tmp_path / "sub" / "leaf.yaml", ["train.epochs=3"])
+    assert (c.out_dir, c.saliency.steps, c.saliency.lr, c.saliency.weight, c.train.lr, c.train.epochs) == (
+        "b", 7, 0.5, 0.0, 1e-3, 3)
+
+
+@pytest.mark.parametrize("files, top, message", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "a.yaml", r"a\.yaml: its base chain comes back to it"),
+    ({"a.yaml": "base: missing.yaml\n"}, "a.yaml", r"missing\.yaml does not exist \(the base of .*a\.yaml\)"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train:\n  lrr: 1\n"}, "a.yaml",
+     r"b\.yaml: unknown config key 'train\.lrr'"),
+    ({"a.yaml": "base: b.yaml\ntrain:\n  lr: -1\n", "b.yaml": "{}\n"}, "a.yaml", r"a\.yaml: train\.lr=-1\.0 must be"),
+    ({"a.yaml": "base: 5\n"}, "a.yaml", r"a\.yaml: base: must name another config file"),
+])
+def test_base_errors_name_the_file_at_fault(tmp_path, files, top, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / top)
+
+
+def test_a_section_override_merges_instead_of_replacing_the_section():
+    """saliency={steps: 2} used to replace the whole section: cpu_default's saliency.lr fell back to 1e-3."""
+    c = load_config(CONFIGS / "cpu_default.yaml", ["saliency={steps: 2}"])
+    assert (c.saliency.steps, c.saliency.lr, c.saliency.weight) == (2, 2e-2, 1.0)
+
+
+@pytest.mark.parametrize("override", ["out_dir=/runs/victim #2", "out_dir=/runs/victim  # the second",
+                                      "train.lr=1e-4 #fast"])
+def test_an_override_is_never_cut_at_a_yaml_comment(override):
+    """`out_dir=/runs/victim #2` used to become /runs/victim -- another run, resumed or (overwrite) deleted."""
+    with pytest.raises(ConfigError, match=r"reads '#.*' as a comment and would drop it.*quote the value"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, key, expected", [("out_dir='/runs/victim #2'", "out_dir", "/runs/victim #2"),
+                                                     ("out_dir=runs/a#2", "out_dir", "runs/a#2"),
+                                                     ("out_dir=2024", "out_dir", "2024"),
+                                                     ("model.name_or_path=yes", "model.name_or_path", "yes"),
+                                                     ("data.path=null", "data.path", None)])
+def test_a_string_field_keeps_the_text_as_written(override, key, expected):
+    c = to_dict(load_config(None, [override]))
+    for part in key.split("."):
+        c = c[part]
+    assert c == expected
+
+
+def test_one_range_rule_for_configs_and_script_arguments():
+    import argparse
+
+    from atmanrl.config import check_range, number_arg
+
+    with pytest.raises(ValueError, match=r"^k=0 must be >= 1 \(samples\)$"):
+        check_range("k", 0, 1, why="samples")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^0 must be >= 1 \(samples\)$"):
+        number_arg(int, "samples", 1)("0")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^1\.5 must be in \(0, 1\] \(nucleus mass\)$"):
+        number_arg(float, "nucleus mass", 0, 1, low_open=True)("1.5")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^nan must be a finite number"):
+        number_arg(float, "lr", 0, low_open=True)("nan")
+    assert number_arg(float, "lr", 0, low_open=True)("1e-3") == 1e-3

@@ -1,6 +1,6 @@
 """The package's layers: every module imports only from its own layer or the layers before it.
 
-    dist -> progress -> model -> saliency -> config -> tasks -> eval -> rl -> toy -> experiments/, benchmarks/
+    errors -> dist -> progress -> model -> saliency -> config -> tasks -> eval -> rl -> toy -> experiments/, benchmarks/
 
 Every ``import`` statement is read, top level and inside functions alike, so a local import cannot hide a cycle.
 ``atmanrl/__init__.py`` stands above all layers (it registers the toy world's warm start with the model loader).
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "atmanrl"
-LAYERS = ["dist", "progress", "model", "saliency", "config", "tasks", "eval", "rl", "toy"]
+LAYERS = ["errors", "dist", "progress", "model", "saliency", "config", "tasks", "eval", "rl", "toy"]
 
 
 def _layer(module: str) -> str:

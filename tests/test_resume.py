@@ -56,3 +56,49 @@ def test_incomplete_checkpoint_is_never_picked(tmp_path):
     assert checkpointing.latest(root).name == "step_2"
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpointing.load(root / "step_6", tiny_policy(), torch.optim.AdamW(tiny_policy().parameters()))
+
+
+def test_a_changed_lr_is_applied_to_the_restored_optimizer_and_logged(tmp_path, capsys):
+    """Issue 16, case 5: a changed train.lr (or weight_decay) on resume was warned about and recorded in
+    config.json, yet the optimizer kept the checkpoint's value: the policy was bit-identical to the old lr's."""
+    _run(tmp_path / "a", "checkpoint.stop_after=2")
+    _run(tmp_path / "b", "checkpoint.stop_after=2")
+    same = _run(tmp_path / "a")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"train\.lr: 0\.01 -> 0\.5 \(applied to the restored optimizer\).*"
+                                         r"train\.weight_decay: 0\.0 -> 0\.1 \(applied"):
+        changed = _run(tmp_path / "b", "train.lr=0.5", "train.weight_decay=0.1")
+    assert "resumed from" in (err := capsys.readouterr().err)
+    assert "train.lr 0.01 -> 0.5 applied to the restored optimizer" in err
+    assert "train.weight_decay 0.0 -> 0.1 applied to the restored optimizer" in err
+    assert any(not torch.equal(a, b) for a, b in zip(same.policy.parameters(), changed.policy.parameters()))
+
+
+def test_apply_settings_keeps_the_moments_and_reports_the_changes():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    changed = checkpointing.apply_settings(optimizer, {"lr": 0.5, "betas": (0.9, 0.999), "weight_decay": 0.1})
+    assert changed == {"lr": (1e-3, 0.5), "weight_decay": (0.0, 0.1)}
+    assert optimizer.param_groups[0]["lr"] == 0.5 and optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, optimizer.state.values()))
+
+
+def test_resuming_past_the_last_update_says_so(tmp_path, capsys):
+    _run(tmp_path, "checkpoint.export=false")
+    result = _run(tmp_path, "train.max_updates=3", "checkpoint.export=false")
+    assert result.metrics == []
+    assert "nothing to train: the checkpoint is at update 4, at or past this run's last update 3" in \
+        capsys.readouterr().err
+
+
+def test_a_generation_length_beyond_the_models_context_is_refused_before_any_rollout(tmp_path):
+    """Issue 16, case 14: rollout.max_new_tokens=100000 ended in a traceback from inside the first rollout."""
+    from atmanrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rollout\.max_new_tokens=100000 leaves no room for the prompt in the "
+                                          r"model's context of 64 positions"):
+        _run(tmp_path, "rollout.max_new_tokens=100000")
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -36,6 +36,18 @@ def test_a_problems_rollouts_are_the_same_alone_or_together():
     assert [r.completion for r in later] != [r.completion for r in together[:4]]
 
 
+def test_a_ranks_rows_are_its_slice_of_all_rollouts():
+    """rows (a rank's share, which may split a group) draws exactly those rollouts of the update's batch."""
+    model, task = tiny_policy(seed=1).eval(), LongerPromptTask()
+    everything = rollout_update(model, task, [0, 3, 5], [10, 13, 15], **KW)
+    for rows in (range(0, 6), range(6, 12), range(3, 4), range(0)):
+        part = rollout_update(model, task, [0, 3, 5], [10, 13, 15], rows=rows, **KW)
+        want = everything[rows.start:rows.stop]
+        assert [(r.problem, r.completion) for r in part] == [(r.problem, r.completion) for r in want]
+        for a, b in zip(part, want):
+            assert max(abs(x - y) for x, y in zip(a.logp_old, b.logp_old)) <= 1e-5
+
+
 def test_seeds_name_the_rollout_and_arguments_are_checked():
     assert len({row_seed(0, u, i, g) for u in range(3) for i in range(5) for g in range(8)}) == 120
     model, task = tiny_policy(), LongerPromptTask()

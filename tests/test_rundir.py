@@ -23,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 
 def _run(out_dir, *overrides, policy=None):
     cfg = tiny_config(out_dir, "train.max_updates=4", "checkpoint.every=2", *overrides)
-    return train(cfg, policy=policy or tiny_policy(), task=TinyTask(), problems=list(range(8)))
+    return train(cfg, policy=policy or tiny_policy(), task=TinyTask(), problems=list(range(8)),
+                 eval_problems=list(range(4)))
 
 
 def _snapshot(run_dir):
@@ -54,13 +55,31 @@ def test_fresh_run_refuses_an_earlier_run_and_leaves_it_intact(tmp_path):
 
 
 def test_resume_without_a_checkpoint_refuses_rather_than_truncating_the_metrics(tmp_path):
+    """Other settings than the run's: its metrics are not what this run would write again, so they are kept."""
     _run(tmp_path, "train.max_updates=1", "checkpoint.every=0")
     for p in (tmp_path / "checkpoints").iterdir():
         (p / "trainer_state.json").unlink()  # no complete checkpoint left, but metrics of update 1
     before = _snapshot(tmp_path)
     with pytest.raises(RunDirError, match="it has no complete checkpoint to resume from"):
-        _run(tmp_path)
+        _run(tmp_path, "train.lr=0.02")
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("resume", ["true", "false"])
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_command(tmp_path, resume):
+    """Issue 16, case 15: the held-out evaluation of update 0 (and the first updates' metrics) used to make the
+    same command refuse the directory, although nothing of the run could be resumed or lost."""
+    same = ("checkpoint.every=3", "eval.every=2", f"checkpoint.resume={resume}")
+    killed = _run(tmp_path, *same, "checkpoint.stop_after=2", policy=tiny_policy())
+    assert killed.updates == 2 and not checkpointing.latest(tmp_path / "checkpoints")
+    assert (tmp_path / "eval.jsonl").read_text() and _updates(tmp_path) == [1, 2]
+    (tmp_path / "checkpoints").mkdir(exist_ok=True)
+    (tmp_path / "checkpoints" / "step_3.tmp").mkdir()  # the kill came while the first checkpoint was written
+    with pytest.warns(RunDirWarning, match=r"stopped before its first checkpoint .*starting it again from update 0"):
+        result = _run(tmp_path, *same)
+    assert [r["update"] for r in result.metrics] == [1, 2, 3, 4] and _updates(tmp_path) == [1, 2, 3, 4]
+    assert [json.loads(x)["update"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [0, 2, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_4"]
 
 
 def test_overwrite_deletes_the_earlier_run_and_starts_over(tmp_path):
@@ -85,6 +104,94 @@ def test_an_empty_or_missing_out_dir_starts_fresh(tmp_path):
     (tmp_path / "empty").mkdir()
     _run(tmp_path / "empty", "train.max_updates=1")
     assert _updates(tmp_path / "empty") == [1]
+
+
+def test_overwrite_deletes_only_what_the_run_wrote_and_lists_what_it_kept(tmp_path, capsys):
+    """Issue 16, case 2: overwrite also deleted a NOTES.md the run never wrote, without saying so."""
+    _run(tmp_path, "checkpoint.export=true")
+    (tmp_path / "NOTES.md").write_text("mine")
+    (tmp_path / "checkpoints" / "README").write_text("mine too")
+    (tmp_path / "policy" / "notes.txt").write_text("and this")
+    _run(tmp_path, "checkpoint.overwrite=true", "train.max_updates=1", "checkpoint.every=0")
+    err = capsys.readouterr().err
+    assert "checkpoint.overwrite: deleted the earlier run" in err
+    assert "kept NOTES.md, checkpoints/README, policy/notes.txt, which atmanrl did not write" in err
+    assert (tmp_path / "NOTES.md").read_text() == "mine"
+    assert (tmp_path / "policy" / "notes.txt").read_text() == "and this"
+    assert sorted(p.name for p in (tmp_path / "policy").iterdir()) == ["notes.txt"]  # the old export is gone
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["README", "step_1"]
+    assert _updates(tmp_path) == [1]
+
+
+def test_a_model_directory_is_not_a_run_directory(tmp_path):
+    """Issue 16, case 2: a Hugging Face model directory has a config.json; it used to count as a run directory, so
+    the run rewrote config.json and the model could no longer be loaded."""
+    from atmanrl.model import load_hf, save_hf
+
+    model_dir = tmp_path / "model"
+    save_hf(tiny_policy(), model_dir)
+    (model_dir / "NOTES.md").write_text("mine")
+    before = _snapshot(model_dir)
+    for extra in ([], ["checkpoint.overwrite=true"], ["checkpoint.resume=false"]):
+        with pytest.raises(RunDirError, match=r"not an atmanrl run \(NOTES\.md, config\.json, model\.safetensors\): "
+                                              r"it has no atmanrl-run\.json.*nothing in it is resumed or deleted"):
+            _run(model_dir, *extra)
+    assert _snapshot(model_dir) == before
+    load_hf(model_dir)
+
+
+def test_a_run_of_an_earlier_version_without_the_marker_is_refused_with_the_way_to_adopt_it(tmp_path):
+    _run(tmp_path)
+    (tmp_path / rundir.MARKER).unlink()
+    before = _snapshot(tmp_path)
+    with pytest.raises(RunDirError, match=rf"did not write the marker yet, create it \(touch .*{rundir.MARKER}\)"):
+        _run(tmp_path, "train.max_updates=5")
+    assert _snapshot(tmp_path) == before
+    (tmp_path / rundir.MARKER).touch()
+    assert [r["update"] for r in _run(tmp_path, "train.max_updates=5").metrics] == [5]
+
+
+def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """Issue 16, case 15: a config.json truncated by a crash blocked the resume; now a failed write leaves the old
+    file whole, and the error says what could not be written."""
+    import errno
+
+    _run(tmp_path, "checkpoint.stop_after=2")
+    saved = (tmp_path / "config.json").read_bytes()
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "replace", full)
+    with pytest.raises(RunDirError, match=r"cannot write into out_dir=.* \(No space left on device\).*free space"):
+        _run(tmp_path, "train.lr=0.02")
+    assert (tmp_path / "config.json").read_bytes() == saved
+    assert not (tmp_path / rundir.LOCK).exists()
+
+
+@pytest.mark.parametrize("below, message", [("run", r"cannot create out_dir=.*file/run \(Not a directory\)"),
+                                            ("", r"out_dir=.*file is a file, not a directory")])
+def test_an_unusable_out_dir_is_one_sentence(tmp_path, below, message):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match=message):
+        _run(tmp_path / "file" / below if below else tmp_path / "file")
+
+
+def test_a_read_only_out_dir_is_one_sentence(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def read_only(self, *a, **k):
+        if tmp_path in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(RunDirError, match=r"cannot write into out_dir=.* \(Read-only file system\); choose a "
+                                          r"directory you can write to"):
+        _run(tmp_path / "run")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,6 +233,21 @@ def test_an_unreadable_lock_is_refused_not_deleted(tmp_path):
     with pytest.raises(RunDirError, match=r"run\.lock exists but is not a lock file written by atmanrl.*delete it"):
         _run(tmp_path)
     assert (tmp_path / rundir.LOCK).read_text() == "not json"
+
+
+def test_hold_keeps_the_lock_after_train_until_the_script_is_done(tmp_path, monkeypatch):
+    """Issue 16, case 3: train() released the lock, then run_gsm8k.py drew the figure and evaluated policy/; a
+    second run with overwrite=true took the directory in that window and wiped it."""
+    with rundir.hold(tmp_path):
+        _run(tmp_path, "train.max_updates=1", "checkpoint.export=true")
+        owner = json.loads((tmp_path / rundir.LOCK).read_text())
+        assert owner["pid"] == os.getpid()
+        monkeypatch.setattr(rundir.os, "getpid", os.getppid)  # now we are another (live) process
+        with pytest.raises(RunDirError, match=r"in use by another run"):
+            rundir.prepare(tiny_config(tmp_path, "checkpoint.overwrite=true"))
+        monkeypatch.undo()
+        assert (tmp_path / "policy" / "model.safetensors").is_file()
+    assert not (tmp_path / rundir.LOCK).exists()
 
 
 def test_the_lock_is_held_while_training(tmp_path):
@@ -207,6 +329,17 @@ def test_a_resume_with_another_data_schedule_is_refused(tmp_path, override, key)
     before = _snapshot(tmp_path)
     with pytest.raises(RunDirError, match=rf"cannot resume .*{key} \(saved .*, now .*\) differ"):
         _run(tmp_path, override)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_resume_with_another_optimizer_is_refused_without_calling_the_checkpoints_damaged(tmp_path):
+    """Issue 16, case 8: train.optimizer=sgd on resume called intact checkpoints damaged and advised overwrite."""
+    _run(tmp_path, "checkpoint.stop_after=2")
+    before = _snapshot(tmp_path)
+    with pytest.raises(RunDirError, match=r"train\.optimizer \(saved 'adamw', now 'sgd'\) differ.*hold the state "
+                                          r"of the saved optimizer\. Set them back") as e:
+        _run(tmp_path, "train.optimizer=sgd")
+    assert "damaged" not in str(e.value) and "overwrite" not in str(e.value)
     assert _snapshot(tmp_path) == before
 
 
@@ -317,3 +450,74 @@ def test_save_and_export_refuse_nonfinite_weights(tmp_path):
     with pytest.raises(NonFiniteError, match=r"exported policy .*: the weights \['norm\.weight'\]"):
         checkpointing.export_hf(policy, tmp_path / "policy")
     assert not (tmp_path / "ckpt" / "step_3").exists() and not (tmp_path / "policy").exists()
+
+
+def _poison_checkpoint(step, where, monkeypatch):
+    """Rewrite the checkpoint ``step`` with a NaN in its embedding (``"weights"``) or in AdamW's first moment
+    (``"adam"``), as a damaged disk or a buggy tool would leave it (save itself refuses non-finite weights)."""
+    policy = tiny_policy()
+    optimizer = torch.optim.AdamW(policy.parameters())
+    state = checkpointing.load(step, policy, optimizer)
+    with torch.no_grad():
+        if where == "weights":
+            policy.embed_tokens.weight[3, 0] = float("nan")
+        else:
+            next(iter(optimizer.state.values()))["exp_avg"].view(-1)[0] = float("nan")
+    with monkeypatch.context() as m:
+        m.setattr(checkpointing, "_refuse_nonfinite", lambda *a, **k: None)
+        checkpointing.save(step.parent, state["update"], policy, optimizer, {}, keep=9)
+
+
+@pytest.mark.parametrize("where, named", [("weights", "embed_tokens.weight"), ("adam", "optimizer state param 0")])
+def test_a_nonfinite_newest_checkpoint_falls_back_to_the_intact_one(tmp_path, monkeypatch, where, named):
+    """Issue 16, case 6: NaN in the newest checkpoint trained two garbage updates, then advised a lower lr, on every
+    rerun; NaN in the Adam state was reported as "the newest checkpoint is intact"."""
+    _run(tmp_path, "checkpoint.keep=3")
+    _poison_checkpoint(tmp_path / "checkpoints" / "step_4", where, monkeypatch)
+    with pytest.raises(CorruptCheckpointError, match=rf"step_4 holds NaN/inf values \({named}"):
+        policy = tiny_policy()
+        checkpointing.load(tmp_path / "checkpoints" / "step_4", policy, torch.optim.AdamW(policy.parameters()))
+    with pytest.warns(RuntimeWarning, match=rf"skipping the damaged checkpoint .*step_4: .*NaN/inf values \({named}"):
+        result = _run(tmp_path, "train.max_updates=5", "checkpoint.keep=3")
+    assert [r["update"] for r in result.metrics] == [3, 4, 5] and _updates(tmp_path) == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(p).all() for p in result.policy.parameters())
+
+
+def test_a_nonfinite_starting_model_is_refused_before_any_update(tmp_path):
+    policy = tiny_policy()
+    with torch.no_grad():
+        policy.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"the starting model \(model\.name_or_path=.*\) holds NaN/inf values in "
+                                             r"\['layers\.0\.mlp\.down_proj\.weight'\]; training on it"):
+        _run(tmp_path, policy=policy)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_sentence_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """Issue 16, case 10: a full disk gave a 60-line traceback ending 'unexpected pos 704 vs 598'."""
+    real, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.extend([f] if str(f).endswith("rng_rank0.pt") else [])
+        if len(calls) == 2:  # the second checkpoint's RNG file
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    with pytest.raises(checkpointing.CheckpointWriteError, match=r"cannot write the checkpoint step_4 into .*"
+                                                                 r"unexpected pos 704 vs 598; \d+ MiB free on its "
+                                                                 r"disk\)\. A full disk .*free space, then run "
+                                                                 r"again with checkpoint\.resume=true to resume "
+                                                                 r"from step_2, which is intact"):
+        _run(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]
+    monkeypatch.undo()
+    assert [r["update"] for r in _run(tmp_path).metrics] == [3, 4]
+
+
+def test_a_checkpoint_of_another_optimizer_is_intact_not_damaged(tmp_path):
+    _run(tmp_path, "train.max_updates=2")
+    policy = tiny_policy()
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"step_2 holds the state of AdamW, not of SGD; "
+                                                                    r"set train\.optimizer back"):
+        checkpointing.load_latest(tmp_path / "checkpoints", policy, torch.optim.SGD(policy.parameters(), lr=0.1))

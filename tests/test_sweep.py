@@ -72,8 +72,10 @@ def test_sweep_trains_every_cell_with_its_settings_and_writes_one_table(sweep, t
     ({"out_dir": ["a"]}, "out_dir cannot be swept"),
 ])
 def test_bad_grids_stop_before_any_run(sweep, tmp_path, grid, message):
+    from atmanrl.config import UserError
+
     path = write_spec(tmp_path, grid)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         sweep.run_sweep(sweep.read_spec(path), lambda cfg: pytest.fail("trained although the grid is bad"))
 
 
@@ -81,3 +83,31 @@ def test_the_shipped_a1_sweep_builds_every_cell(sweep, capsys):
     sweep.main([str(EXPERIMENTS / "configs" / "sweep_a1.yaml"), "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 and lines[0].startswith("cell 0: {'saliency.init': -0.4, 'saliency.steps': 10")
+
+
+def _train_tiny(cfg):
+    return train(cfg, policy=tiny_policy(), task=TinyTask(), problems=list(range(4)))
+
+
+def test_a_rerun_that_resumes_reports_the_cells_logs_not_empty_rows(sweep, tmp_path):
+    """Issue 16, case 4: rerunning a sweep with a resuming config trained 0 updates per cell and rewrote sweep.md
+    and sweep.json from this call's (empty) records: | 0 | 2 | 0 | - | - |."""
+    spec = sweep.read_spec(write_spec(tmp_path, {"train.seed": [0, 1]}, last=2))
+    first = sweep.run_sweep(spec, _train_tiny)
+    again = sweep.run_sweep(spec, _train_tiny)  # checkpoint.resume is true: each cell is already done
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in again]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in first]
+    assert all(r["updates"] == 2 and r["accuracy"] is not None for r in again)
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"][1]["updates"] == 2
+
+
+def test_a_rerun_the_cells_would_refuse_stops_before_any_training(sweep, tmp_path):
+    from atmanrl.config import UserError
+
+    spec = sweep.read_spec(write_spec(tmp_path, {"train.seed": [0, 1]}))
+    spec["overrides"].append("checkpoint.resume=false")
+    sweep.run_sweep(spec, _train_tiny)
+    before = (tmp_path / "sweep" / "sweep.md").read_text()
+    with pytest.raises(UserError, match=r"sweep cell 0 \{'train.seed': 0\}: out_dir=.*cell_0 holds an earlier run"):
+        sweep.run_sweep(spec, lambda cfg: pytest.fail("trained although a cell would be refused"))
+    assert (tmp_path / "sweep" / "sweep.md").read_text() == before

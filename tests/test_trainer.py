@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny import TinyTask, tiny_config, tiny_policy
 
+from atmanrl import dist
 from atmanrl.rl.trainer import train
 from atmanrl.tasks import Score
 
@@ -159,25 +160,24 @@ def test_loss_variants_run(tmp_path, override):
 
 
 def test_built_run_schedule_and_rank_shares(tmp_path):
-    """build_run's schedule, and each rank's contiguous share: concatenated over ranks it is the single-process
-    batch for any world size (what makes 2 processes train like 1, tests/test_distributed.py)."""
-    import dataclasses
-
+    """build_run's schedule, and each rank's contiguous share of an update's rollouts: concatenated over ranks it is
+    the single-process batch for any world size, also with fewer problems than ranks (what makes 2 processes train
+    like 1, tests/test_distributed.py)."""
     from atmanrl.rl.trainer import build_run
 
     cfg = tiny_config(tmp_path, "train.problems_per_update=4", "train.epochs=3")
     run = build_run(cfg, tiny_policy(), TinyTask(), list(range(10)))
     assert (run.per_epoch, run.total, run.start) == (2, 6, 0)  # 10 problems // 4 per update; the rest is dropped
     assert run.inference is run.policy  # no process group: nothing to shard, no copy
+    assert run.my_rows == range(4 * 8)
     seen = []
     for update in range(run.total):
-        epoch, batch = run.my_problems(update)
+        epoch, batch = run.batch(update)
         assert epoch == update // 2 and len(batch) == 4
-        for world in (2, 4):
-            ranks = [dataclasses.replace(run, d=dataclasses.replace(run.d, rank=r, world_size=world))
-                     for r in range(world)]
-            shares = [rank_run.my_problems(update)[1] for rank_run in ranks]
-            assert [i for share in shares for i in share] == batch
         seen.append(batch)
+    for world in (2, 3, 4, 8):  # what run.my_rows is on each rank of a process group
+        shares = [dist.share(32, rank, world) for rank in range(world)]
+        assert [i for share in shares for i in share] == list(range(32))
+        assert {len(share) for share in shares} <= {32 // world, 32 // world + 1}
     assert len(set(seen[0] + seen[1])) == 8  # an epoch draws each problem at most once
     assert seen[0] + seen[1] != seen[2] + seen[3]  # and each epoch has its own order

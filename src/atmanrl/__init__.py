@@ -2,7 +2,7 @@
 
 The packages form layers, each importing only those before it (``tests/test_layers.py`` keeps this true):
 
-    dist, progress -> model -> saliency -> config -> tasks -> eval -> rl -> toy -> experiments/, benchmarks/
+    errors, dist, progress -> model -> saliency -> config -> tasks -> eval -> rl -> toy -> experiments/, benchmarks/
 
 This file is the one place above them all: it tells the model loader how to build the toy world's warm start
 (``load("toyworld-sft")``), which lives in ``atmanrl.toy``, so that ``atmanrl.model`` never imports the toy package.

@@ -10,12 +10,22 @@ What is notable here:
 - Ranges are checked when a section is built (``__post_init__``), so a bad value fails at config load, before any
   model is loaded; ``RunConfig``'s docstring lists where 0 is allowed. The saliency section extends
   ``atmanrl.saliency.SaliencyConfig``, the one owner of the mask settings and their checks.
+- One validation style: every range rule is ``check_range`` (config fields) or ``number_arg`` (a script's numeric
+  argument, built on ``check_range``), and each says "VALUE must be RULE (why)".
+- A config file may start from another: ``base: toy_atmanrl.yaml`` (a path relative to the file) takes every
+  setting of that file, and the file then states only its difference. Mappings merge key by key, so
+  ``saliency: {weight: 0}`` changes the weight and keeps the base's other saliency settings; an override
+  ``saliency={steps: 2}`` merges the same way.
+- An override's value is YAML, but never silently cut: ``out_dir=/runs/a #2`` (YAML would read `` #2`` as a
+  comment) is refused with the quoting that keeps it, and a string field takes a bare ``2024`` as the text "2024".
+- ``UserError`` is the base of every error a user can fix from its message (a file, key or limit and what to do):
+  the scripts print it as one sentence and exit with code 2.
 - Numbers default to the paper's section 3.4 setting; ``experiments/configs/cpu_default.yaml`` shrinks them.
 """
 
 from __future__ import annotations
 
-import copy
+import argparse
 import dataclasses
 import math
 import types
@@ -27,10 +37,11 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from atmanrl.errors import UserError
 from atmanrl.saliency.optimize import SaliencyConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used; the message names the key and what to do."""
 
 
@@ -38,10 +49,91 @@ class ConfigError(ValueError):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _need(ok: bool, message: str) -> None:
-    """Raise the range error ``message`` (it starts with the field name; ``from_dict`` prefixes the section)."""
+def require(ok: bool, message: str) -> None:
+    """Raise the check's ``ValueError(message)`` (it starts with the field name; ``from_dict`` prefixes the
+    section) unless ``ok``: the one way a section states a rule that is not a plain range."""
     if not ok:
         raise ValueError(message)
+
+
+def broken_rule(value, low=None, high=None, *, low_open=False, high_open=False) -> str | None:
+    """The range rule ``value`` breaks ("must be > 0", "must be in (0, 1]", "must be a finite number"), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if low is not None and high is not None:
+        rule = f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f"must be {'>' if low_open else '>='} {low:g}"
+    else:
+        rule = f"must be {'<' if high_open else '<='} {high:g}"
+    too_low = low is not None and (value < low or (low_open and value == low))
+    too_high = high is not None and (value > high or (high_open and value == high))
+    return rule if too_low or too_high else None
+
+
+def check_range(name: str, value, low=None, high=None, *, low_open=False, high_open=False, none_ok=False,
+                why: str = "") -> None:
+    """Raise ``ValueError("NAME=VALUE must be RULE (why)")`` when ``value`` is outside the range; ``none_ok``: None
+    (YAML null) is allowed and the message says so."""
+    if value is None and none_ok:
+        return
+    rule = "must be a number" if value is None else broken_rule(value, low, high, low_open=low_open,
+                                                                 high_open=high_open)
+    if rule is not None:
+        raise ValueError(f"{name}={value!r} {rule}" + (", or null" if none_ok else "") + (f" ({why})" if why else ""))
+
+
+def number_arg(kind: type, what: str, low=None, high=None, *, low_open=False, high_open=False):
+    """An argparse ``type=``: a ``kind`` (int or float) number in the range, else the sentence argparse prints
+    after the argument's name ("argument --k: 0 must be >= 1 (samples per problem)"); the scripts' one check."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'} "
+                                             f"({what})") from None
+        rule = broken_rule(value, low, high, low_open=low_open, high_open=high_open)
+        if rule is not None:
+            raise argparse.ArgumentTypeError(f"{text} {rule} ({what})")
+        return value
+
+    return parse
+
+
+def text_arg(name: str, empty: bool = True):
+    """An argparse ``type=`` for text: bytes that are not UTF-8 (``$'\\xff'``, which Python passes on as a lone
+    surrogate that no tokenizer or file system call accepts) are refused, and so is an empty value unless ``empty``."""
+
+    def parse(text: str) -> str:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+            which = f" (byte 0x{byte:02x})" if byte is not None else ""
+            raise argparse.ArgumentTypeError(f"not UTF-8 text{which}; pass UTF-8 text") from None
+        if not empty and not text.strip():
+            raise argparse.ArgumentTypeError(f"{name} must not be empty")
+        return text
+
+    return parse
+
+
+def device_arg(name: str, text: str) -> torch.device:
+    """``text`` as a torch device that exists on this machine (cpu, cuda, cuda:N), else a ``UserError`` naming
+    ``name`` (the flag) and what to pass."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{name} {text!r} is not a device torch knows; pass cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"{name} {text}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{name} {text}: this machine has no CUDA GPU (torch.cuda.is_available() is False); pass "
+                        f"{name} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{name} {text}: there are only {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def _finite(obj) -> None:
@@ -49,17 +141,8 @@ def _finite(obj) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         numbers = value if isinstance(value, tuple) else (value,)
-        _need(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
-              f"{f.name}={value!r} is not a finite number; give a finite value")
-
-
-def _positive(obj, *names: str, allow_none: bool = False) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is None and allow_none:
-            continue
-        _need(value is not None and value > 0, f"{name}={value!r} must be > 0"
-              + (" (or null)" if allow_none else ""))
+        require(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+                f"{f.name}={value!r} is not a finite number; give a finite value")
 
 
 @dataclass
@@ -81,8 +164,8 @@ class DataConfig:
     seed: int = 0  # seeds the synthetic problems and the per-epoch shuffle
 
     def __post_init__(self):
-        _positive(self, "synthetic_problems")
-        _positive(self, "max_problems", allow_none=True)
+        check_range("synthetic_problems", self.synthetic_problems, 1)
+        check_range("max_problems", self.max_problems, 1, none_ok=True)
 
 
 @dataclass
@@ -94,10 +177,11 @@ class RolloutConfig:
 
     def __post_init__(self):
         _finite(self)
-        _need(self.group_size >= 2, f"group_size={self.group_size} must be >= 2: GRPO's baseline is the mean "
-                                    "reward of the other rollouts of the same problem")
-        _positive(self, "max_new_tokens", "temperature")
-        _need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (1: sample from the whole distribution)")
+        check_range("group_size", self.group_size, 2, why="GRPO's baseline is the mean reward of the other rollouts "
+                                                          "of the same problem")
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("top_p", self.top_p, 0, 1, low_open=True, why="1: sample from the whole distribution")
 
 
 @dataclass
@@ -113,9 +197,8 @@ class SaliencyRewardConfig(SaliencyConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _need(math.isfinite(self.weight) and self.weight >= 0,
-              f"weight={self.weight} must be a finite number >= 0 (0: the outcome-only baseline); for the other "
-              "reward orientation set saliency.reward: eq3 instead of a negative weight")
+        check_range("weight", self.weight, 0, why="0: the outcome-only baseline; for the other reward orientation "
+                                                  "set saliency.reward: eq3 instead of a negative weight")
 
 
 @dataclass
@@ -129,8 +212,8 @@ class GRPOConfig:
 
     def __post_init__(self):
         _finite(self)
-        _need(self.eps > 0, f"eps={self.eps} must be > 0: the clip range [1 - eps, 1 + eps] (the paper: 0.2)")
-        _need(self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0 (0 switches the KL term off)")
+        check_range("eps", self.eps, 0, low_open=True, why="the clip range [1 - eps, 1 + eps]; the paper: 0.2")
+        check_range("kl_beta", self.kl_beta, 0, why="0 switches the KL term off")
 
 
 @dataclass
@@ -153,14 +236,15 @@ class TrainConfig:
 
     def __post_init__(self):
         _finite(self)
-        _positive(self, "problems_per_update", "ppo_epochs", "num_minibatches", "micro_batch_size", "lr", "epochs")
-        _positive(self, "max_updates", allow_none=True)
-        _need(self.grad_clip is None or self.grad_clip > 0,
-              f"grad_clip={self.grad_clip} must be > 0, or null for no clipping (a negative norm flips the sign of "
-              "every gradient)")
-        _need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
-        _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-              f"betas={list(self.betas)} must be two numbers in [0, 1) (AdamW's default: [0.9, 0.999])")
+        for name in ("problems_per_update", "ppo_epochs", "num_minibatches", "micro_batch_size", "epochs"):
+            check_range(name, getattr(self, name), 1)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("max_updates", self.max_updates, 1, none_ok=True)
+        check_range("grad_clip", self.grad_clip, 0, low_open=True, none_ok=True,
+                    why="null: no clipping; a negative norm flips the sign of every gradient")
+        check_range("weight_decay", self.weight_decay, 0)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"betas={list(self.betas)} must be two numbers in [0, 1) (AdamW's default: [0.9, 0.999])")
 
 
 @dataclass
@@ -176,9 +260,9 @@ class CheckpointConfig:
     export: bool = True  # write the final policy as a Hugging Face safetensors directory (out_dir/policy)
 
     def __post_init__(self):
-        _need(self.every >= 0, f"every={self.every} must be >= 0 (0: one checkpoint, after the last update)")
-        _need(self.keep >= 1, f"keep={self.keep} must be >= 1: a resume needs the newest checkpoint")
-        _positive(self, "stop_after", allow_none=True)
+        check_range("every", self.every, 0, why="0: one checkpoint, after the last update")
+        check_range("keep", self.keep, 1, why="a resume needs the newest checkpoint")
+        check_range("stop_after", self.stop_after, 1, none_ok=True)
 
 
 @dataclass
@@ -192,9 +276,9 @@ class EvalConfig:
     seed: int = 1234
 
     def __post_init__(self):
-        _need(self.every >= 0, f"every={self.every} must be >= 0 (0: no evaluation during training)")
-        _positive(self, "problems")
-        _positive(self, "max_new_tokens", allow_none=True)
+        check_range("every", self.every, 0, why="0: no evaluation during training")
+        check_range("problems", self.problems, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1, none_ok=True)
 
 
 @dataclass
@@ -314,8 +398,28 @@ def to_dict(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def _set_dotted(data: dict, dotted: str, value: Any, cls) -> None:
-    """Set ``data[a][b] = value`` for ``a.b``, checking every part of the path against the dataclass schema."""
+def merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied, mappings merged key by key (a section states only what it changes)."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_text_field(tp) -> bool:
+    """``str`` or ``str | None``: a field whose override is taken as the text written."""
+    options = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    return options == [str]
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, cls, raw: str | None = None) -> None:
+    """Set ``data[a][b] = value`` for ``a.b``, checking every part of the path against the dataclass schema. A
+    mapping given for a section merges into it; ``raw`` (the override's text) is used as it is written for a string
+    field that YAML would read as a number or a boolean (``out_dir=2024``)."""
     parts = dotted.split(".")
     node, node_cls, seen = data, cls, []
     for i, part in enumerate(parts):
@@ -327,23 +431,42 @@ def _set_dotted(data: dict, dotted: str, value: Any, cls) -> None:
                 f"valid keys there are: {', '.join(names)}"
             )
         seen.append(part)
+        tp = typing.get_type_hints(node_cls)[part]
         if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp) and isinstance(value, dict) and isinstance(node.get(part), dict):
+                value = merge(node[part], value)
+            elif raw is not None and _is_text_field(tp) and isinstance(value, (bool, int, float)):
+                value = raw.strip()
             node[part] = value
             return
-        sub_cls = typing.get_type_hints(node_cls)[part]
-        if not dataclasses.is_dataclass(sub_cls):
+        if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"config key '{'.'.join(seen)}' is a value, not a section; '{dotted}' goes too deep")
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"config key '{'.'.join(seen)}' must be a mapping")
-        node_cls = sub_cls
+        node_cls = tp
+
+
+def _comment(raw: str) -> str:
+    """What YAML would drop from ``raw`` as a comment ('' when nothing): the text after its last token."""
+    try:
+        tokens = [t for t in yaml.scan(raw) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+    except yaml.YAMLError:
+        return ""  # safe_load reports the syntax error
+    end = max((t.end_mark.index for t in tokens), default=0)
+    return raw[end:].strip()
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=1e-6"`` -> ``("train.lr", 1e-06)``; the value is read as YAML (``null``, ``[0.6, 0.99]``...)."""
+    """``"train.lr=1e-6"`` -> ``("train.lr", 1e-06)``; the value is read as YAML (``null``, ``[0.6, 0.99]``...).
+    A value YAML would cut short at a comment (``out_dir=/runs/a #2`` -> ``/runs/a``) is refused, never cut."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.sub=value (for example train.lr=1e-6)")
     key, raw = text.split("=", 1)
+    if comment := _comment(raw):
+        raise ConfigError(f"override '{text}': YAML reads '{comment}' as a comment and would drop it from the "
+                          f"value; quote the value to keep it ({key.strip()}='{raw.strip()}', with the shell's own "
+                          "quotes around the whole override) or leave the comment out")
     try:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -357,7 +480,10 @@ def _first_line(error: Exception) -> str:
 
 def _read_yaml(path: Path) -> dict:
     """The mapping in a YAML file; undecodable bytes and YAML syntax errors name the file and the line."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); give a readable YAML file") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -377,25 +503,44 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def read_config_file(path: str | Path, cls=RunConfig, _chain: tuple[Path, ...] = ()) -> dict:
+    """The settings of a config file as a dict, its ``base:`` chain resolved (the base first, then the file's own
+    keys merged over it). Each file is checked on its own, so an error names the file at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {_chain[-1]})" if _chain else ""))
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: its base chain comes back to it ({cycle}); remove one of the base: keys")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    try:
+        from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: must name another config file (a path relative to {path.parent}), got "
+                          f"{base!r}")
+    merged = merge(read_config_file(path.parent / base, cls, (*_chain, path.resolve())), data)
+    try:
+        from_dict(cls, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{path} (with its base {base}): {e}") from None
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=RunConfig):
-    """Read a YAML file (optional) and apply ``key.sub=value`` overrides; returns a checked ``cls`` instance."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = _read_yaml(path)
-    from_file = copy.deepcopy(data)
+    """Read a YAML file (optional; its ``base:`` chain resolved) and apply ``key.sub=value`` overrides; returns a
+    checked ``cls`` instance. An error names the file when the file is at fault, else the override."""
+    data = read_config_file(path, cls) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(data, key, value, cls)
+        _set_dotted(data, key, value, cls, raw=text.split("=", 1)[1])
     try:
         return from_dict(cls, data)
     except ConfigError as e:
         if path is None:
             raise
-        try:  # name the file only when the file itself is at fault, not a command-line override
-            from_dict(cls, from_file)
-        except ConfigError:
-            raise ConfigError(f"{path}: {e}") from None
         raise ConfigError(f"command-line override: {e}") from None

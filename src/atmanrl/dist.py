@@ -7,26 +7,40 @@ What is notable here:
 - ``shard()`` applies FSDP2 the torchtitan way: ``fully_shard`` on every transformer block, then on the root (the
   embedding, final norm and LM head, tied or not, live in the root group). On GPU the forward/backward run in
   bf16 with fp32 master weights and fp32 gradient reduction (``MixedPrecisionPolicy``); on CPU there is no mixed
-  precision.
-- Gradients are SUMMED over ranks (gradient divide factor 1 on every FSDP module): the trainer divides each rank's
-  loss by the *global* number of rollouts, so the sum is exactly the single-process gradient.
+  precision. Mixed precision casts parameters, not buffers: the RoPE frequencies stay float32, and so they do in
+  the bf16 inference copy (``inference_copy``), or the sampler's log-probs would not be the policy's.
+- Gradients are SUMMED over ranks: the trainer divides each rank's loss by the *global* number of rollouts, so
+  the sum is exactly the single-process gradient. FSDP2 would average (``ReduceOp.AVG``); a divide factor of 1
+  alone turns that into ``ReduceOp.PREMUL_SUM(1.0)``, an NCCL-only op that gloo refuses ("Cannot use
+  ReduceOp.PREMUL_SUM with Gloo") for float32/bf16 gradients. So ``shard`` also forces sum-only collectives: the
+  reduce-scatter is a plain ``ReduceOp.SUM`` on both backends, and FSDP2's post-division by the factor 1 is
+  skipped (no extra kernel). On NCCL a plain SUM is the fast case (no custom PreMulSum op to create, zero-copy
+  capable; PreMulSum has had bf16 bugs). Both setters exist from torch 2.8 on.
 - ``gather_into()`` copies the full (unsharded) parameters into a plain, unsharded ``Llama`` -- the inference copy
   used for rollouts and the saliency mask. Why not generate with the sharded module itself? Every FSDP2 forward
   all-gathers, so every rank would have to run exactly the same number of forward calls: a rank whose rollouts all
   stopped early, or whose saliency needs fewer steps, would deadlock the others. One all-gather per update into a
   plain copy lets each rank generate and optimise masks on its own, at the cost of one extra model in memory.
+- Work is spread, not assigned by problem: ``share`` gives each rank a contiguous equal slice of the update's
+  rollouts (whatever ``problems_per_update`` is; a group may straddle two ranks), ``all_gather_list`` puts the
+  rollouts back together on every rank, and ``spread`` splits the AtMan masks evenly over the ranks and gathers
+  the results. Concatenation in rank order keeps every list in the single-process order.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
+
+from atmanrl.errors import UserError
 
 
 @dataclass
@@ -80,31 +94,48 @@ def shutdown() -> None:
     _INFO = None
 
 
-def shard(model: nn.Module, mixed_precision: bool = True) -> nn.Module:
-    """FSDP2: ``fully_shard`` each transformer block, then the root. A no-op without a process group."""
+def shard(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2: ``fully_shard`` each transformer block, then the root. A no-op without a process group.
+
+    param_dtype: the compute dtype of forward/backward (``mixed_precision_dtype``), with float32 gradient
+    reduction; None: the parameters' own dtype. Buffers (the RoPE frequencies) are never cast."""
     d = info()
     if not d.initialized:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise UserError(f"training under torchrun needs torch >= 2.8 (FSDP2's sum-only gradient reduction); this "
+                           f"is torch {torch.__version__}: upgrade torch, or run as one plain process (python, not "
+                           f"torchrun)")
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     kwargs = {"mesh": mesh}
-    if mixed_precision_dtype(mixed_precision) is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     for m in model.modules():  # sum, not average, over ranks: the loss is already divided by the global count
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # ReduceOp.SUM, not PREMUL_SUM(1.0): gloo has no PREMUL_SUM
     return model
 
 
 def mixed_precision_dtype(mixed_precision: bool) -> torch.dtype | None:
-    """bf16 when ``shard`` turns mixed precision on (a process group on GPU), else None (parameters' dtype)."""
+    """The compute dtype the trainer gives ``shard`` and the inference copy: bf16 when ``model.mixed_precision``
+    is on and there is a process group on GPU, else None (the parameters' dtype; a CPU computes float32)."""
     d = info()
     return torch.bfloat16 if mixed_precision and d.initialized and d.device.type == "cuda" else None
+
+
+def inference_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A plain, frozen copy of ``model`` with its parameters in ``dtype`` (default: as they are): the trainer's
+    sampler, refreshed by ``gather_into``. Make it before ``shard``. The RoPE frequencies stay float32 under the
+    cast (``Llama._apply``) as they do in the sharded policy, so the log-probs the sampler records are the ones
+    the policy's forward recomputes (tests/test_distributed.py)."""
+    return copy.deepcopy(model).to(dtype or next(model.parameters()).dtype).requires_grad_(False)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +171,38 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if on_device is not t:
             t.copy_(on_device)
     return t
+
+
+def share(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """A rank's share of ``n`` ordered items (default: this rank's): contiguous, sizes differing by at most one.
+
+    Rank ``r`` of ``W`` gets items ``[n*r//W, n*(r+1)//W)``, so concatenating the shares in rank order gives the
+    items back in their order (``all_gather_list`` relies on it). ``range(n)`` without a process group."""
+    d = info()
+    r, w = d.rank if rank is None else rank, d.world_size if world_size is None else world_size
+    return range(n * r // w, n * (r + 1) // w)
+
+
+def all_gather_list(items: list) -> list:
+    """Every rank's ``items`` (picklable objects), concatenated in rank order, on every rank (collective).
+
+    The identity without a process group or with one process. Objects travel pickled (``all_gather_object``):
+    meant for a few hundred rollouts or saliency results per update, not for weights."""
+    if not torch_dist.is_initialized() or torch_dist.get_world_size() == 1:
+        return list(items)
+    gathered: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
+def spread(fn: Callable[[list], list], items: list) -> list:
+    """``fn`` of every item, computed an equal share per rank and gathered back in order (collective).
+
+    Each rank calls ``fn`` once on its ``share`` of ``items`` (not at all when the share is empty), which must
+    return one result per item; every rank returns the results of all items. The AtMan masks of an update are
+    spread this way: the work is split evenly over all ranks whatever the number of problems per update."""
+    mine = [items[i] for i in share(len(items))]
+    return all_gather_list(fn(mine) if mine else [])
 
 
 def barrier() -> None:

@@ -68,7 +68,7 @@ def _column(label: str, s: dict) -> str:
     answer_text = "(no #####)" if answer is None else f"##### {answer.strip()}"
     return (f"<div><h3>{html.escape(label)}</h3><div class='cot'>{tagged_html(s['cot'])}</div>"
             f"<p class='meta'>{html.escape(answer_text)} &mdash; {verdict} (gold {html.escape(str(s.get('gold')))}), "
-            f"{s.get('cot_tokens', '?')} CoT tokens</p></div>")
+            f"{html.escape(str(s.get('cot_tokens', '?')))} CoT tokens</p></div>")
 
 
 def side_by_side_html(baseline: dict, atmanrl: dict, problems: Sequence[int],

@@ -400,6 +400,17 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.attention = "auto"  # the kernel of masked attention calls: one of ATTENTION_KERNELS (module docstring)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.bfloat16()`` / ``.half()`` cast the parameters but keep the RoPE frequencies at
+        least float32, as FSDP2's mixed precision does (it casts parameters, not buffers). In bf16, ``inv_freq``
+        is off by up to 2^-9 relative: a phase error of ~1 rad at position 700 on the faster frequencies, so a bf16
+        copy (the trainer's sampler) would not compute the log-probs of the policy it samples for."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype.is_floating_point and torch.finfo(self.inv_freq.dtype).bits < 32:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)  # the unrounded values
+        return self
+
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
         """Random initialisation (normal(0, std) matrices, unit norms) for tests and benchmarks."""
         for name, p in self.named_parameters():

@@ -14,8 +14,18 @@ What is notable here:
   by ``atmanrl.model.load`` and by ``transformers``).
 - Never a non-finite number: ``check_finite`` stops training before an optimizer step whose loss or gradient norm
   is NaN/inf, and ``save``/``export_hf`` refuse weights that are not finite, so no checkpoint or export holds them.
-- A damaged newest checkpoint (truncated shard, missing ``.metadata``, bad ``trainer_state.json``) does not end a
-  resume: ``load_latest`` warns, naming the directory and what is wrong, and falls back to the next older one.
+  What comes from outside is checked too: a checkpoint whose weights or optimizer state hold NaN/inf is damaged
+  (``load`` refuses it, ``load_latest`` falls back to an older one), and ``require_finite`` refuses a starting model
+  that holds them, before an update could train on them.
+- A damaged newest checkpoint (truncated shard, missing ``.metadata``, bad ``trainer_state.json``, NaN/inf inside)
+  does not end a resume: ``load_latest`` warns, naming the directory and what is wrong, and falls back to the next
+  older one. A checkpoint of another optimizer is not damaged: ``load`` says which optimizer wrote it
+  (``CheckpointMismatchError``), and nothing is skipped.
+- The optimizer's settings come from the config, not the checkpoint: after a resume ``apply_settings`` writes the
+  configured ``lr``/``betas``/``weight_decay`` into the restored optimizer (its moments are kept) and returns what
+  changed, for the log.
+- A checkpoint that cannot be written (a full disk) is removed again and reported as ``CheckpointWriteError``: the
+  directory, the reason, the free space, and that the newest complete checkpoint is intact.
 - Trusted input: the RNG files are read with ``torch.load(weights_only=True)`` (tensors only, no code), but DCP's
   own ``.metadata`` is a pickle, so a checkpoint directory must come from a source you trust, like any PyTorch
   checkpoint.
@@ -38,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from atmanrl import dist
+from atmanrl.config import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -63,7 +74,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """A NaN/inf loss, gradient or weight; raised before it can reach the weights, a checkpoint or an export."""
 
 
@@ -124,12 +135,51 @@ def _refuse_nonfinite(model, what: str, collective: bool = True) -> None:
                              "checkpoint.")
 
 
+def require_finite(model, what: str) -> None:
+    """Refuse to train ``model`` when a weight holds NaN/inf (collective): ``what`` names where it came from."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteError(f"{what} holds NaN/inf values in {bad[:5]}{' ...' if len(bad) > 5 else ''}; training "
+                             "on it would only spread them. Use an intact model (restore or re-download it).")
+
+
+@torch.no_grad()
+def nonfinite_optimizer_state(optimizer) -> list[str]:
+    """Names (``param i: key``) of the optimizer state tensors holding NaN/inf on this rank, and "(on another
+    rank)" when only another rank has one (collective)."""
+    bad = [f"param {i}: {key}" for i, state in enumerate(optimizer.state.values()) for key, t in state.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not _all_finite(_local(t))]
+    anywhere = dist.all_reduce(torch.tensor([float(len(bad))]), "max").item()
+    return bad or (["(on another rank)"] if anywhere else [])
+
+
+def apply_settings(optimizer, settings: dict) -> dict:
+    """Write ``settings`` (``lr``, ``betas``, ``weight_decay``: what the config decides) into every param group of
+    a restored optimizer; returns ``{name: (restored, now)}`` of those that changed."""
+    changed = {}
+    for group in optimizer.param_groups:
+        for name, value in settings.items():
+            old = tuple(group[name]) if isinstance(group[name], (list, tuple)) else group[name]
+            if old != value:
+                changed[name] = (old, value)
+            group[name] = value
+    return changed
+
+
 def save(ckpt_root: str | Path, update: int, model, optimizer, trainer_state: dict, keep: int = 2) -> Path:
     """Write ``ckpt_root/step_{update}`` atomically (all ranks call this). Returns the final directory."""
     d = dist.info()
     _refuse_nonfinite(model, f"checkpoint step_{update}")
     root = Path(ckpt_root)
     final, tmp = root / f"step_{update}", root / f"step_{update}.tmp"
+    try:
+        _write(root, tmp, final, update, model, optimizer, trainer_state, keep, d)
+    except (OSError, RuntimeError, CheckpointException) as e:  # torch.save on a full disk: "unexpected pos 704 vs 598"
+        raise _write_error(root, tmp, final, e) from e
+    return final
+
+
+def _write(root, tmp, final, update, model, optimizer, trainer_state, keep, d) -> None:
     if d.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left over from a crash while writing this very step
@@ -141,7 +191,7 @@ def save(ckpt_root: str | Path, update: int, model, optimizer, trainer_state: di
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not d.initialized)
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if d.is_main:
-        state = dict(trainer_state, update=update, world_size=d.world_size)
+        state = dict(trainer_state, update=update, world_size=d.world_size, optimizer=type(optimizer).__name__)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     dist.barrier()  # every rank's shards are on disk before the rename makes the checkpoint visible
     if d.is_main:
@@ -151,7 +201,23 @@ def save(ckpt_root: str | Path, update: int, model, optimizer, trainer_state: di
         for old in sorted(_complete(root))[:-keep] if keep > 0 else []:
             shutil.rmtree(root / f"step_{old}", ignore_errors=True)
     dist.barrier()
-    return final
+
+
+def _write_error(root: Path, tmp: Path, final: Path, e: BaseException) -> CheckpointWriteError:
+    """The sentence for a checkpoint that could not be written; the partial ``.tmp`` directory is removed."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    detail = (e.strerror if isinstance(e, OSError) and e.strerror else
+              (str(e).strip().splitlines() or [type(e).__name__])[-1])[:200]
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    newest = latest(root)
+    return CheckpointWriteError(
+        f"cannot write the checkpoint {final.name} into {root} ({type(e).__name__}: {detail}; {free}). A full disk "
+        f"is the usual cause: free space, then run again with checkpoint.resume=true to resume from "
+        f"{newest.name + ', which is intact' if newest else 'the start (no checkpoint was completed)'}."
+    )
 
 
 def _complete(root: Path) -> list[int]:
@@ -172,8 +238,16 @@ def latest(ckpt_root: str | Path) -> Path | None:
     return Path(ckpt_root) / f"step_{max(steps)}" if steps else None
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError, RuntimeError):
     """A ``step_N`` directory that cannot be loaded; the message names the directory and what is wrong."""
+
+
+class CheckpointMismatchError(UserError, RuntimeError):
+    """An intact checkpoint that this run's settings cannot continue (another optimizer)."""
+
+
+class CheckpointWriteError(UserError, RuntimeError):
+    """A checkpoint that could not be written (a full disk); the message names the directory and the free space."""
 
 
 def _trainer_state(path: Path) -> dict:
@@ -204,6 +278,11 @@ def load(path: str | Path, model, optimizer) -> dict:
     d = dist.info()
     path = Path(path)
     trainer_state = _trainer_state(path)
+    saved_by = trainer_state.get("optimizer")
+    if saved_by is not None and saved_by != type(optimizer).__name__:
+        raise CheckpointMismatchError(f"{path} holds the state of {saved_by}, not of {type(optimizer).__name__}; set "
+                                      "train.optimizer back to the run's optimizer to resume it (the checkpoint is "
+                                      "intact)")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     try:
@@ -214,6 +293,10 @@ def load(path: str | Path, model, optimizer) -> dict:
         raise CorruptCheckpointError(f"{path}: the model/optimizer shards cannot be read ({type(e).__name__}: "
                                      f"{detail[:300]})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    bad = nonfinite_parameters(model) + [f"optimizer state {n}" for n in nonfinite_optimizer_state(optimizer)]
+    if bad:
+        shown = ", ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+        raise CorruptCheckpointError(f"{path} holds NaN/inf values ({shown}); training from it would only spread them")
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: those ranks keep their seed
         try:
@@ -241,8 +324,9 @@ def load_latest(ckpt_root: str | Path, model, optimizer) -> tuple[Path, dict] | 
             warnings.warn(f"skipping the damaged checkpoint {path}: {e}", RuntimeWarning, stacklevel=2)
     if failures:
         raise CorruptCheckpointError(
-            f"no checkpoint in {root} can be loaded:\n  " + "\n  ".join(failures) + "\nRestore one of them, or "
-            "start over with checkpoint.overwrite=true (this deletes the run in out_dir)."
+            f"no checkpoint in {root} can be loaded:\n  " + "\n  ".join(failures) + "\nIf they are intact, the "
+            "model differs from the run's (model.name_or_path): set it back. Otherwise restore one of them, or start "
+            "over with checkpoint.overwrite=true (this deletes the run in out_dir)."
         )
     return None
 

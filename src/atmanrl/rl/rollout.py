@@ -4,8 +4,10 @@ What is notable here:
 - The trainer does not know what a problem is. A ``Task`` (``atmanrl.tasks``) turns a problem into prompt tokens
   and judges a completion. Tasks live with their data (``atmanrl.tasks.gsm8k.GSM8KTask``) and are picked by name
   from ``atmanrl.tasks.registry``; tests plug in tiny ones.
-- One ``generate`` call per update and rank (``rollout_update``): all problems x G rollouts in one batch (each
-  distinct prompt prefilled once), instead of one small batch per problem.
+- One ``generate`` call per update and rank (``rollout_update``): the rank's rows of the update's problems x G
+  rollouts in one batch (each distinct prompt prefilled once), instead of one small batch per problem. The rows
+  are the rank's contiguous share of the update's rollouts (``dist.share``), so a group may be split over ranks
+  and every rank works whatever the number of problems per update; the trainer gathers the rollouts back.
 - Sampling is seeded per row: rollout ``g`` of problem ``i`` at update ``u`` has the seed ``row_seed(seed, u, i,
   g)``, and ``generate`` draws a row's tokens from its seed alone (counter-based noise, see
   ``atmanrl.model.generate``). So a problem's rollouts are the same whichever rank draws them, however many ranks
@@ -50,15 +52,16 @@ class Rollout:
 
 
 def rollout_update(model, task: Task, problems: list, indices: list[int], *, group_size: int, max_new_tokens: int,
-                   temperature: float, top_p: float, seed: int, update: int, device,
+                   temperature: float, top_p: float, seed: int, update: int, device, rows: range | None = None,
                    on_step: Callable[[int], None] | None = None) -> list[Rollout]:
-    """G completions of each of this rank's problems in ONE ``generate`` call, scored; problem-major order (rollouts
-    ``k*G .. k*G+G-1`` are those of ``problems[k]``).
+    """The rollouts ``rows`` of ``problems`` x G in ONE ``generate`` call, scored; problem-major order (rollout
+    ``k*G + g`` is rollout ``g`` of ``problems[k]``).
 
-    problems: this rank's problem objects; indices: their indices in the training set (they name the rollouts and
-    seed them: ``row_seed(seed, update, index, g)``, from these only -- not from the rank, the world size or
-    the batch the rollout is generated in). device: where ``model`` lives (checked, so a mis-placed inference copy fails
-    here with a clear message instead of inside the first matmul). on_step: passed to ``generate`` (progress).
+    problems: the update's problem objects; indices: their indices in the training set (they name the rollouts and
+    seed them: ``row_seed(seed, update, index, g)``, from these only -- not from the rank, the world size or the
+    batch the rollout is generated in). rows: which of the ``len(problems) * G`` rollouts to draw (default all;
+    the trainer passes this rank's share). device: where ``model`` lives (checked, so a mis-placed inference copy
+    fails here with a clear message instead of inside the first matmul). on_step: passed to ``generate``.
     """
     if len(problems) != len(indices):
         raise ValueError(f"{len(problems)} problems but {len(indices)} indices; pass one training-set index per "
@@ -67,7 +70,10 @@ def rollout_update(model, task: Task, problems: list, indices: list[int], *, gro
     if param.device.type != want.type or want.index is not None and param.device.index != want.index:
         raise ValueError(f"the rollout model is on {param.device}, not on {device}; move it there before rolling out")
     prompts = [task.prompt(p) for p in problems]
-    rows = [(k, g) for k in range(len(problems)) for g in range(group_size)]
+    everything = [(k, g) for k in range(len(problems)) for g in range(group_size)]
+    rows = [everything[i] for i in (range(len(everything)) if rows is None else rows)]
+    if not rows:
+        return []
     completions = generate(model, [prompts[k] for k, _ in rows], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop_ids=task.stop_ids, pad_id=task.pad_id,
                            seed=[row_seed(seed, update, indices[k], g) for k, g in rows], on_step=on_step)
