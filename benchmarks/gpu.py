@@ -594,8 +594,9 @@ def bench_update(model: Llama, args, decode_rows: list[dict], saliency_rows: lis
 
 
 def projection(u: dict, decode_rows: list[dict], saliency_rows: list[dict]) -> dict:
-    """The paper's 4,670 updates on 1 GPU (this update) and on 8 (one problem = 8 rollouts per rank: the batch-8
-    decode row and the batch-8, CoT-190 mask row; the policy update divided by 8). Projected: no communication."""
+    """The paper's 4,670 updates on 1 GPU (this update) and on 8 (each rank draws, explains and trains on 8 of the
+    64 rollouts: the batch-8 decode row, the batch-8 CoT-190 mask row, the policy update divided by 8). Projected:
+    communication not included."""
     out = {"paper_update_s_1gpu": u["rollout_s"] + u["saliency_s_200_steps"] + u["update_s"]}
     out["paper_run_hours_1gpu"] = out["paper_update_s_1gpu"] * PAPER_UPDATES / 3600
     d8 = next((r for r in decode_rows if r["batch"] == 8 and "compiled_tok_s" in r), None)
