@@ -743,30 +743,45 @@ def run_sections(args, device, dtype) -> None:
             result["skipped"].append(name)
             print(f"\n## {name}\n\nskipped: --quick's {QUICK_BUDGET_S} s budget is spent")
             continue
-        if name == "kernels":
-            result[name] = bench_kernels(model, args)
-        elif name == "compile":
-            cut = build(args.model, dtype, device, layers=args.cut_layers)
-            result[name] = bench_compile(cut, args)
-            del cut
-        elif name == "decode":
-            result[name] = bench_decode(model, args, fig)
-        elif name == "saliency":
-            result[name] = bench_saliency(model, args, fig)
-        elif name == "update":
-            result[name] = bench_update(model, args, result.get("decode", []), result.get("saliency", []))
-        elif name == "eval1":
-            result[name] = bench_eval1(model, args)
+        try:
+            result[name] = run_section(name, model, args, fig, result, dtype)
+        except Exception as e:  # a section that fails on this card is a finding; the others still run
+            result[name] = {"error": error_text(e)}
+            print(f"\n## {name}\n\nFAILED: {result[name]['error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         else:
-            result[name] = bench_bf16(model, args)
-        print_section(name, result[name])
+            print_section(name, result[name])
         result.setdefault("section_s", {})[name] = time.perf_counter() - t0
+        write(args.out, result, t0, device)  # after every section: a run cut short still leaves its numbers
+    write(args.out, result, t0, device)
+    print(f"\n# wrote {args.out} ({result['wall_s']:.0f} s)")
+
+
+def run_section(name: str, model: Llama, args, fig: dict, result: dict, dtype):
+    if name == "kernels":
+        return bench_kernels(model, args)
+    if name == "compile":
+        cut = build(args.model, dtype, model.embed_tokens.weight.device, layers=args.cut_layers)
+        return bench_compile(cut, args)
+    if name == "decode":
+        return bench_decode(model, args, fig)
+    if name == "saliency":
+        return bench_saliency(model, args, fig)
+    if name == "update":
+        rows = {k: result[k] if isinstance(result.get(k), list) else [] for k in ("decode", "saliency")}
+        return bench_update(model, args, rows["decode"], rows["saliency"])
+    if name == "eval1":
+        return bench_eval1(model, args)
+    return bench_bf16(model, args)
+
+
+def write(path: str, result: dict, t0: float, device) -> None:
     result["peak_memory_gb"] = peak_memory_gb(device)
     result["wall_s"] = time.perf_counter() - t0
-    out = Path(args.out)
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    print(f"\n# wrote {out} ({result['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,26 @@ def test_tiny_run_writes_every_section(tmp_path, capsys):
     rhos = b["saliency_spearman_bf16_vs_f32"]
     assert len(rhos) == 2 and all(-1 <= r <= 1 for r in rhos)
     assert [r["ok"] for r in b["masked_backward"]] == [True] * 3
+
+
+def test_a_failing_section_is_reported_and_the_others_run(tmp_path, capsys):
+    """A section that fails on a card (here decode, made to raise) is written as its error; later sections still run
+    and the JSON is written."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark_failing", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this card")
+
+    module.bench_decode = broken
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--tiny", "--sections", "decode", "eval1", "--out", str(tmp_path / "gpu.json")])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["decode"] == {"error": "RuntimeError: no kernel for this card"}
+    assert result["eval1"]["seconds"] > 0
+    assert "FAILED: RuntimeError: no kernel for this card" in capsys.readouterr().out
