@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from atmanrl.config import EvalConfig, RolloutConfig, UserError, device_arg, number_arg, text_arg
+from atmanrl.errors import read_json
 from atmanrl.tasks.registry import TASKS
 
 # The defaults on a CPU (about a minute); on a GPU, GPU_DEFAULTS (threads: torch's choice).
@@ -153,14 +154,7 @@ def read_results(path: str) -> dict:
     from atmanrl.eval.faithfulness import faithfulness_markdown
 
     usage = "pass two results files written by this script (NAME.json)"
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise UserError(f"--compare: cannot read {path} ({e.strerror}); {usage}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--compare: {path}, byte {e.start}: not UTF-8 text; {usage}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"--compare: {path}, line {e.lineno}: not valid JSON ({e.msg}); {usage}") from None
+    data = read_json(path, usage, "--compare")
     if not isinstance(data, dict) or not isinstance(data.get("label"), str) or not (
             isinstance(data.get("summary"), dict) or isinstance(data.get("faithfulness"), dict)):
         raise UserError(f"--compare: {path} is not a results file (a JSON object with 'label' and 'summary' or "

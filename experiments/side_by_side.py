@@ -18,11 +18,11 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from atmanrl.config import UserError, number_arg, text_arg
+from atmanrl.errors import read_json
 
 USAGE = "pass results files written by experiments/eval_gsm8k.py"
 # field -> (accepted types, what it must be)
@@ -32,14 +32,7 @@ SAMPLE_FIELDS = {"problem": ((int,), "an integer"), "question": ((str,), "text")
 
 def read_results(path: str) -> dict:
     """A results file of eval_gsm8k.py, checked field by field (what the page reads)."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); {USAGE}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}, byte {e.start}: not UTF-8 text; {USAGE}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); {USAGE}") from None
+    data = read_json(path, USAGE)
     if not isinstance(data, dict) or not isinstance(data.get("label"), str) or not isinstance(data.get("samples"),
                                                                                                list):
         raise UserError(f"{path} is not a results file (a JSON object with a text 'label' and a list of 'samples'); "

@@ -1,12 +1,15 @@
 """The generator: exact against transformers' greedy decoding, repeatable, padding-invariant, and in log-prob
 parity with the trainer's plain forward (``sequence_logprobs``)."""
 
+import weakref
+
 import pytest
 import torch
 from references import hf_twin
+from torch._dynamo.backends.debugging import aot_eager
 
 import atmanrl.model.generate as generate_module
-from atmanrl.model.generate import _top_p_filter, compile_count, generate, sampling_noise, sequence_logprobs
+from atmanrl.model.generate import _top_p_filter, generate, sampling_noise, sequence_logprobs
 from atmanrl.model.llama import Llama, LlamaConfig
 
 PARITY_TOL = 1e-4  # float32, generator (KV cache, left padding) vs one plain forward
@@ -188,23 +191,106 @@ def test_gumbel_noise_samples_the_softmax():
     assert (other_step != (logp + sampling_noise(keys, 3, 5)).argmax(-1)).float().mean() > 0.3
 
 
-def test_compiled_step_equals_eager_and_does_not_recompile(tiny, monkeypatch):
-    """The static-shape step under torch.compile (dynamo, fullgraph: no graph break) gives the eager path's tokens
-    and log-probs; a second call with other prompt lengths (same batch size, same cache bucket) compiles nothing.
-    The test compiles with the aot_eager backend (graph capture without code generation: inductor's C++ build of
-    the step takes minutes on this CPU); benchmarks/gpu.py checks inductor + CUDA graphs on a GPU."""
-    compiled = torch.compile(generate_module.decode_one_token, backend="aot_eager", fullgraph=True)
+@pytest.fixture
+def step_compiles(monkeypatch):
+    """The compiled path with its step under torch.compile's aot_eager backend (graph capture, fullgraph, static
+    shapes, without code generation: inductor's C++ build of the step takes minutes on this CPU;
+    benchmarks/gpu.py checks inductor + CUDA graphs on a GPU), fresh dynamo caches and fresh kept KV caches.
+    Returns the list of graphs the step compiled (only the step's: eager FlexAttention traces its score_mod with
+    dynamo too, which the global ``compile_count`` would also count)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(generate_module.decode_one_token, backend=backend, fullgraph=True, dynamic=False)
     monkeypatch.setattr(generate_module, "compiled_decode_one_token", lambda mode: compiled)
+    monkeypatch.setattr(generate_module, "_static_caches", weakref.WeakKeyDictionary())
+    yield graphs
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def attention(tiny):
+    """Set ``tiny.attention`` for one test (restored afterwards)."""
+    def set_kernel(kernel):
+        tiny.attention = kernel
+    yield set_kernel
+    tiny.attention = "auto"
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_compiled_step_equals_eager(tiny, step_compiles, attention, kernel):
+    """The static-shape step under torch.compile (dynamo, fullgraph: no graph break), on the SDPA reference and on
+    FlexAttention (the kernel it gets on CUDA), gives the eager reference path's tokens and log-probs, with rows that
+    stop early (masked, not dropped, on the compiled path) and spare cache rows (3 prompts in a 4-row cache)."""
     prompts = random_prompts([3, 9, 5], 101, seed=10)
     kw = dict(max_new_tokens=12, temperature=0.8, stop_ids=[7, 11], seed=[1, 2, 3])
     eager = generate(tiny, prompts, **kw)
-    assert any(c.finished for c in eager)  # finished rows are masked (not dropped) on the compiled path
-    before = compile_count()
+    assert any(c.finished for c in eager) and not all(c.finished for c in eager)
+    attention(kernel)
     static = generate(tiny, prompts, compile=True, **kw)
-    assert compile_count() - before >= 1
+    assert len(step_compiles) == 1
+    assert generate_module.static_cache(tiny, 3, 1).batch_size == 4  # the kept cache the call ran in
     assert [c.tokens for c in static] == [c.tokens for c in eager]
     assert [c.finished for c in static] == [c.finished for c in eager]
     assert max(abs(x - y) for s, e in zip(static, eager) for x, y in zip(s.logprobs, e.logprobs)) <= PAD_TOL
-    before = compile_count()
-    generate(tiny, random_prompts([6, 4, 8], 101, seed=11), compile=True, **kw)
-    assert compile_count() == before
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_rollout_eval_rollout_compiles_nothing_new(tiny, step_compiles, attention, kernel):
+    """The trainer's sequence on the compiled path: rollouts (8 rows, sampled), a held-out evaluation (2 rows and a
+    last chunk of 1, greedy, longer), rollouts again (other prompt lengths, 6 rows, and at Table 1's temperature:
+    the temperature is a tensor, not a constant of the graph), evaluation again. The
+    first rollout and the first evaluation compile one graph each, then nothing compiles any more; each call's
+    tokens equal the eager reference's. A prompt longer than any before grows its cache once (one compile), and
+    the grown cache is then reused."""
+    rollout = dict(max_new_tokens=10, temperature=1.0, stop_ids=[7, 11])
+    evaluation = dict(max_new_tokens=24, greedy=True, stop_ids=[7, 11])
+
+    def check(prompts, **kw):
+        seeds = list(range(len(prompts)))
+        attention("sdpa")
+        eager = generate(tiny, prompts, seed=seeds, **kw)
+        attention(kernel)
+        assert [c.tokens for c in generate(tiny, prompts, compile=True, seed=seeds, **kw)] == [c.tokens for c in eager]
+
+    check(random_prompts([4, 6, 5, 9, 3, 8, 7, 5], 101, seed=20), **rollout)
+    check(random_prompts([12, 5], 101, seed=21), **evaluation)
+    assert len(step_compiles) == 2
+    check(random_prompts([9], 101, seed=22), **evaluation)  # the evaluation's last, smaller chunk
+    check(random_prompts([3, 5, 4, 11, 6, 2, 9, 10], 101, seed=23), **rollout)
+    check(random_prompts([7, 4, 6, 5, 8, 3], 101, seed=24), **rollout)  # fewer rows: the same 8-row cache
+    check(random_prompts([5, 5, 8, 8, 3, 3, 6, 6], 101, seed=29), **dict(rollout, temperature=0.7))  # Table 1's
+    check(random_prompts([6, 14], 101, seed=25), **evaluation)
+    assert len(step_compiles) == 2
+    check(random_prompts([240, 5], 101, seed=26), **evaluation)  # 264 slots: the 2-row cache grows to 512
+    assert len(step_compiles) == 3
+    check(random_prompts([3, 7], 101, seed=27), **evaluation)
+    check(random_prompts([4, 6, 5, 9, 3, 8, 7, 5], 101, seed=28), **rollout)
+    assert len(step_compiles) == 3
+
+
+def test_compiled_path_reads_the_device_once_per_stop_check(tiny, step_compiles, monkeypatch):
+    """No host sync per token: the compiled loop reads its device state (stop flags, tokens produced) once every
+    STOP_CHECK_EVERY steps, and on_step still gets one call per step, in order, as on the eager path."""
+    reads = []
+    check = generate_module._Outputs.check
+    monkeypatch.setattr(generate_module._Outputs, "check", lambda self, t, *a: reads.append(t) or check(self, t, *a))
+    stop = list(range(0, 101, 4))
+    prompts = random_prompts([4, 7, 5, 9, 6], 101, seed=3)
+    kw = dict(max_new_tokens=40, temperature=1.0, stop_ids=stop, seed=0)
+    eager_calls, compiled_calls = [], []
+    generate(tiny, prompts, on_step=eager_calls.append, **kw)
+    eager_reads, reads[:] = len(reads), []
+    out = generate(tiny, prompts, compile=True, on_step=compiled_calls.append, **kw)
+    assert compiled_calls == eager_calls
+    assert max(len(c.tokens) for c in out) == len(eager_calls) == eager_reads
+    every = generate_module.STOP_CHECK_EVERY
+    assert reads == list(range(every - 1, every * len(reads), every))  # steps 15, 31, ...: the last check stopped
+    assert len(reads) == -(-len(eager_calls) // every)
+    reads[:] = []
+    none_stop = generate(tiny, prompts[:2], compile=True, max_new_tokens=40, greedy=True)  # never stops early
+    assert [len(c.tokens) for c in none_stop] == [40, 40] and reads == [15, 31, 39]

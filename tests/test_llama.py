@@ -5,6 +5,9 @@
 - An explicit float64 re-implementation of attention in this file: a large negative bias on one key column is the
   same as deleting that key from every softmax.
 - The KV cache: incremental decoding reproduces the full forward.
+- The attention kernels (``Llama.attention``): FlexAttention (eager, on the CPU) and SDPA's memory-efficient
+  variant against the SDPA reference, on the mask optimisation's call (prefix cache + per-query bias, gradient into
+  the bias) and on the static decode step.
 """
 
 import copy
@@ -16,8 +19,10 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import torch.nn.attention.flex_attention as flex_module  # noqa: E402
+
 from atmanrl.model.hf_checkpoint import load_hf  # noqa: E402
-from atmanrl.model.llama import KVCache, Llama, LlamaConfig  # noqa: E402
+from atmanrl.model.llama import KVCache, Llama, LlamaConfig, attention_kernel, hidden_key_bias  # noqa: E402
 
 # Two small configs: GQA in both, llama3 rope scaling with a short original context so that sequences longer than
 # `original_max_position_embeddings` are cheap, tied and untied heads, an explicit head_dim that differs from
@@ -200,10 +205,20 @@ def test_bad_config_is_a_clear_error():
         _random_ours("gqa-llama3rope-untied")(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
 
 
-def test_bf16_model_keeps_a_float32_bias_exact():
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """Let eager FlexAttention run its backward on the CPU. Its public wrapper refuses q/k/v that require grad on a
+    CPU (inductor's CPU flex kernel has no backward), but the eager backward is the device-agnostic dense one
+    (``sdpa_dense_backward``, registered for CompositeExplicitAutograd) -- the numerics these tests check."""
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_bf16_model_keeps_a_float32_bias_exact(kernel, flex_backward_on_cpu):
     """A bf16 model must not round the AtMan bias to bf16 (steps of 1/64 near -4): a bias change of 1e-3 around -4
-    changes the output, and the bias gradient is float32, finite and non-zero."""
+    changes the output, and the bias gradient is float32, finite and non-zero -- on the reference and on flex."""
     model = _random_ours("gqa-llama3rope-untied", seed=5).to(torch.bfloat16)
+    model.attention = kernel
     S, col = 10, 4
     tokens = torch.randint(0, model.config.vocab_size, (1, S), generator=torch.Generator().manual_seed(0))
 
@@ -237,3 +252,102 @@ def test_static_start_pos_equals_int_start_pos():
             a.append(model(tokens[:, t: t + 1], cache=ints, start_pos=t))
             b.append(model(tokens[:, t: t + 1], cache=tensors, start_pos=torch.tensor(t)))
     assert (torch.cat(a, 1) - torch.cat(b, 1)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["flex", "efficient"])
+def test_static_decode_step_on_each_kernel_equals_the_reference(kernel):
+    """The compiled decode step's call (one query, the whole static cache, later slots hidden, padded slots hidden
+    by a key bias) on flex / efficient gives the SDPA reference's logits, across flex's 128-key block boundary."""
+    model = _random_ours("gqa-llama3rope-tied-headdim", seed=4)
+    B, S, prefix, slots = 2, 150, 118, 160
+    tokens = torch.randint(0, model.config.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
+    hidden = torch.zeros(B, slots, dtype=torch.bool)
+    hidden[0, :5] = True  # row 0's prompt is left-padded
+    key_bias = hidden_key_bias(hidden, torch.float32)
+    logits = {}
+    for name in ("sdpa", kernel):
+        model.attention = name
+        cache = KVCache(model.config, B, max_len=slots)
+        with torch.no_grad():
+            steps = [model(tokens[:, :prefix], key_bias[..., :prefix], cache=cache)[:, -1:]]
+            for t in range(prefix, S):
+                steps.append(model(tokens[:, t: t + 1], key_bias, cache=cache, start_pos=torch.tensor(t)))
+        logits[name] = torch.cat(steps, 1)
+    assert (logits[kernel] - logits["sdpa"]).abs().max().item() <= 1e-5
+
+
+def _mask_optimisation_call(model: Llama, bias_param: torch.Tensor, P: int, T: int):
+    """The saliency module's call: a prompt prefix in the cache (left-padded in row 0), then the suffix with a
+    per-query bias (padding + ``bias_param``) that requires grad; returns the logits."""
+    B = bias_param.shape[0]
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.config.vocab_size, (B, P + T), generator=g)
+    hidden = torch.zeros(B, P + T, dtype=torch.bool)
+    hidden[0, :4] = True
+    pad = hidden_key_bias(hidden, bias_param.dtype)
+    cache = KVCache(model.config, B, max_len=P + T, dtype=model.embed_tokens.weight.dtype)
+    with torch.no_grad():
+        model(tokens[:, :P], pad[..., :P], cache=cache)
+    return model(tokens[:, P:], pad + bias_param, cache=cache, start_pos=P)
+
+
+@pytest.mark.parametrize("dtype, out_tol, grad_tol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 2e-6, 2e-6)])
+def test_flex_equals_the_reference_on_the_mask_optimisation(dtype, out_tol, grad_tol, flex_backward_on_cpu):
+    """FlexAttention (bias in the score_mod, causal block mask, grouped-query heads) against the SDPA reference on
+    the mask optimisation's call, 3 layers, a suffix longer than one 128-query block: the same logits and the same
+    gradient in the bias (tolerances relative to the largest entry; float64 equal to rounding)."""
+    model = _random_ours("gqa-llama3rope-tied-headdim", seed=6).to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    P, T = 9, 140
+    bias0 = torch.randn(2, 1, T, P + T, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    out, grad = {}, {}
+    for kernel in ("sdpa", "flex"):
+        model.attention = kernel
+        bias = bias0.clone().requires_grad_(True)
+        logits = _mask_optimisation_call(model, bias, P, T)
+        (grad[kernel],) = torch.autograd.grad(logits.logsumexp(-1).sum(), [bias])
+        out[kernel] = logits.detach()
+    scale = grad["sdpa"].abs().max().item()
+    assert scale > 0
+    assert (out["flex"] - out["sdpa"]).abs().max().item() <= out_tol * out["sdpa"].abs().max().item()
+    assert (grad["flex"] - grad["sdpa"]).abs().max().item() <= grad_tol * scale
+    causal_hidden = torch.arange(P + T)[None, :] > P + torch.arange(T)[:, None]
+    assert grad["flex"][..., causal_hidden].abs().max().item() == 0.0  # keys after the query: exactly no gradient
+
+
+def test_efficient_kernel_rounds_the_bias_to_the_models_dtype():
+    """The memory-efficient candidate: on a float32 model it is the reference (to float rounding, gradient
+    included); on a bf16 model it adds the bias in bf16, so a 1e-3 change of a -4 bias vanishes -- the cost that
+    docs/DESIGN.md weighs against flex."""
+    model = _random_ours("gqa-llama3rope-tied-headdim", seed=7)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    P, T = 6, 20
+    bias0 = torch.randn(2, 1, T, P + T, generator=torch.Generator().manual_seed(4))
+    out, grad = {}, {}
+    for kernel in ("sdpa", "efficient"):
+        model.attention = kernel
+        bias = bias0.clone().requires_grad_(True)
+        logits = _mask_optimisation_call(model, bias, P, T)
+        (grad[kernel],) = torch.autograd.grad(logits.logsumexp(-1).sum(), [bias])
+        out[kernel] = logits.detach()
+    assert (out["efficient"] - out["sdpa"]).abs().max().item() <= 1e-5
+    assert (grad["efficient"] - grad["sdpa"]).abs().max().item() <= 1e-5 * grad["sdpa"].abs().max().item()
+    model = model.to(torch.bfloat16)
+    model.attention = "efficient"
+    with torch.no_grad():
+        a, b = (_mask_optimisation_call(model, torch.full((2, 1, T, P + T), v), P, T) for v in (-4.0, -3.999))
+    assert torch.equal(a, b)
+
+
+def test_attention_kernel_choice():
+    """``auto``: flex on CUDA for the hot calls (static decode, per-query bias), SDPA otherwise and off CUDA; a
+    misspelt choice is an error naming the attribute and the choices."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert attention_kernel("auto", cuda, hot=True) == "flex"
+    assert attention_kernel("auto", cuda, hot=False) == "sdpa"
+    assert attention_kernel("auto", cpu, hot=True) == "sdpa"
+    assert attention_kernel("efficient", cpu) == "efficient"
+    with pytest.raises(ValueError, match=r"Llama.attention is 'flash'; use one of \['auto', 'sdpa', 'flex'"):
+        attention_kernel("flash", cpu)

@@ -181,3 +181,16 @@ def test_built_run_schedule_and_rank_shares(tmp_path):
         assert {len(share) for share in shares} <= {32 // world, 32 // world + 1}
     assert len(set(seen[0] + seen[1])) == 8  # an epoch draws each problem at most once
     assert seen[0] + seen[1] != seen[2] + seen[3]  # and each epoch has its own order
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sdpa"])
+def test_model_attention_sets_the_policys_kernel(tmp_path, kernel):
+    """model.attention reaches the policy the run trains and samples with (the way back to the SDPA reference should
+    the fused kernel fail on some GPU); an unknown kernel is a config error naming the choices."""
+    from atmanrl.config import ConfigError
+    from atmanrl.rl.trainer import build_run
+
+    run = build_run(tiny_config(tmp_path, f"model.attention={kernel}"), tiny_policy(), TinyTask(), list(range(8)))
+    assert run.policy.attention == run.inference.attention == kernel
+    with pytest.raises(ConfigError, match="model.attention"):
+        tiny_config(tmp_path, "model.attention=fast")

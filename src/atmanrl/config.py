@@ -153,6 +153,10 @@ class ModelConfig:
     # keep float32 master weights and let `mixed_precision` run forward/backward in bf16 (FSDP2 MixedPrecisionPolicy).
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     mixed_precision: bool = True  # bf16 compute under FSDP2; only on GPU (ignored on CPU)
+    # The kernel of masked attention calls (the AtMan mask's optimisation, the compiled decode step): "auto" is
+    # FlexAttention on a GPU and the SDPA reference on a CPU; "sdpa" forces the reference everywhere (docs/DESIGN.md,
+    # decision 14). atmanrl.model.llama.ATTENTION_KERNELS lists the choices.
+    attention: Literal["auto", "sdpa", "flex", "efficient"] = "auto"
 
 
 @dataclass

@@ -28,17 +28,30 @@ What is notable here:
   call of ``decode_one_token`` (model forward of one token per row + the pick of the next token).
 - **Compiled on CUDA.** ``compile=None`` compiles the step on CUDA (``torch.compile(mode="reduce-overhead")``, a
   CUDA graph: one launch per token instead of ~15 kernels per layer) and runs it eagerly elsewhere. The compiled
-  step has static shapes: a fixed batch (finished rows keep decoding, masked, instead of being dropped), a cache
-  length rounded up to a multiple of ``CACHE_BUCKET`` (prompts of similar length reuse one compiled graph), one
-  cache buffer kept across calls (``static_cache``: a CUDA graph writes it at fixed addresses), and the step's
-  slot passed as a tensor (``Llama.forward``). ``compile_count()`` counts compiled graphs so a caller
-  can see a recompilation. The eager step attends only to the slots written so far and drops finished rows once
-  a quarter of the batch has finished (on a CPU, later steps then cost less).
+  step has static shapes: a fixed batch (finished rows keep decoding, masked, instead of being dropped), and the
+  step's slot passed as a tensor (``Llama.forward``). Its attention is FlexAttention on CUDA (``Llama.attention``
+  ``auto``): grouped-query heads read in place, the key blocks past the current slot skipped, so the static cache's
+  unwritten tail costs nothing (SDPA with a mask would run its math backend here, see docs/DESIGN.md).
+- **One cache geometry per kind of call.** A CUDA graph reads its cache at fixed addresses and a compiled step is
+  specialised to its shapes, so the compiled path keeps its caches for the whole process (``static_cache``): one
+  per row bucket (a call of ``B`` rows uses a kept cache of ``B`` to ``ROW_SLACK * B - 1`` rows, its spare rows
+  decoding a copy of the first prompt, else a new one of the next power of two), each with a length that only
+  grows (a multiple of ``CACHE_BUCKET``). Rollouts (64 rows) and evaluation (8 rows) then each keep one geometry:
+  rollout -> evaluation -> rollout neither recompiles nor re-records; a cache re-allocates (one recompile) only
+  when a longer prompt than ever before needs more slots. ``compile_count()`` counts compiled graphs so a caller
+  can see a recompilation.
+- **No host sync per token on the compiled path.** The slot and step are device tensors advanced in place, the
+  tokens each step produced are counted on the device, and the host looks at the stop flags once every
+  ``STOP_CHECK_EVERY`` steps (one transfer; ``on_step`` is then called for each of those steps, in order). A batch
+  whose rows have all stopped runs at most ``STOP_CHECK_EVERY - 1`` idle steps, whose outputs are discarded. The
+  eager step checks every step: it attends only to the slots written so far and drops finished rows once a
+  quarter of the batch has finished (on a CPU, later steps then cost less).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +60,9 @@ import torch
 from atmanrl.model.llama import KVCache, Llama, hidden_key_bias
 
 CACHE_BUCKET = 256  # the compiled step's cache length is a multiple of this (one graph for many prompt lengths)
+ROW_SLACK = 4  # a compiled call of B rows reuses a kept cache of fewer than ROW_SLACK * B rows (module docstring)
+STOP_CHECK_EVERY = 16  # compiled path: decode steps between two host reads of the stop flags
+COMPILE_ON = {"cuda"}  # device types on which generate(compile=None) compiles the step (benchmarks/gpu.py --tiny: cpu)
 
 
 @dataclass
@@ -170,7 +186,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
 
 
-def _pick(logits, temperature: float, top_p: float, greedy: bool, keys: torch.Tensor, step):
+def _pick(logits, temperature: float | torch.Tensor, top_p: float, greedy: bool, keys: torch.Tensor, step):
     """Next token ``(B,)`` and its log-prob under ``log_softmax(logits / temperature)`` ``(B,)``.
 
     Sampling is the Gumbel-max trick: ``argmax(logp + G)`` with ``G`` i.i.d. Gumbel draws a token with probability
@@ -228,31 +244,42 @@ def decode_one_token(model: Llama, token, position, slot, cache: KVCache, key_bi
 
 
 _compiled_steps: dict[str, object] = {}
-_static_cache: dict[tuple, KVCache] = {}  # the compiled step's cache, kept across calls (one entry)
+# The compiled step's caches, per model (dropped with it): {(dtype, device, rows): KVCache}. See static_cache.
+_static_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def static_cache(model: Llama, batch_size: int, cache_len: int) -> KVCache:
-    """The compiled step's KV cache: one buffer set reused by every call with the same (model, batch, length).
+    """The compiled step's KV cache for a call of ``batch_size`` rows that needs ``cache_len`` slots.
 
-    A CUDA graph reads and writes the cache at fixed addresses, and the compiled step guards on those tensors: a
-    fresh cache per call would re-record (or recompile) every call. Only the latest shape is kept (memory).
+    Kept for the life of the model (a CUDA graph reads and writes the cache at fixed addresses, and the compiled
+    step is specialised to its shapes: a fresh cache per call would re-record or recompile every call). The kept
+    cache with the fewest rows in ``[batch_size, ROW_SLACK * batch_size)`` is used, else a new one of
+    ``batch_size`` rounded up to a power of two; a cache shorter than ``cache_len`` is re-allocated at that length
+    (lengths only grow). The returned cache may have more rows and slots than asked for.
     """
     w = model.embed_tokens.weight
-    key = (id(model), batch_size, cache_len, w.dtype, w.device)
-    if key not in _static_cache:
-        _static_cache.clear()
-        cache = KVCache(model.config, batch_size, cache_len, device=w.device, dtype=w.dtype)
+    kept = _static_caches.setdefault(model, {})
+    fits = [rows for (dtype, device, rows) in kept if dtype == w.dtype and device == w.device
+            and batch_size <= rows < ROW_SLACK * batch_size]
+    rows = min(fits) if fits else 1 << (batch_size - 1).bit_length()
+    key = (w.dtype, w.device, rows)
+    if key not in kept or kept[key].max_len < cache_len:
+        kept.pop(key, None)  # free the short one before allocating its successor
+        cache = KVCache(model.config, rows, cache_len, device=w.device, dtype=w.dtype)
         if w.device.type == "cuda":
             for buf in (*cache.k, *cache.v):
                 torch._dynamo.mark_static_address(buf)
-        _static_cache[key] = cache
-    return _static_cache[key]
+        kept[key] = cache
+    return kept[key]
 
 
 def compiled_decode_one_token(mode: str):
-    """``decode_one_token`` under ``torch.compile(mode=mode, fullgraph=True)``, built once per mode."""
+    """``decode_one_token`` under ``torch.compile(mode=mode, fullgraph=True, dynamic=False)``, built once per mode.
+
+    ``dynamic=False``: each cache geometry gets its own static-shape graph (a CUDA graph needs fixed shapes) instead
+    of dynamo turning the batch or cache length symbolic when it sees a second one."""
     if mode not in _compiled_steps:
-        _compiled_steps[mode] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        _compiled_steps[mode] = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
     return _compiled_steps[mode]
 
 
@@ -285,9 +312,10 @@ def generate(
     ``greedy=True`` takes the argmax. ``seed``: one seed per prompt (a sequence of ints), or one int from which
     row ``b`` gets the seed ``(seed, b)``; a row's tokens depend only on its prompt and its seed (module
     docstring). A sequence stops at the first token in ``stop_ids`` (e.g. the tokenizer's end-of-turn ids).
-    ``compile``: compile the decode step (None: on CUDA only). ``on_step(tokens)``: called after every decode step
-    with the number of tokens it produced (one per row still running), for progress display. Returns one
-    ``Completion`` per prompt, in order.
+    ``compile``: compile the decode step (None: on CUDA only). ``on_step(tokens)``: called once for every decode
+    step with the number of tokens it produced (one per row still running), for progress display -- after the
+    step on the eager path, at the next stop check (every ``STOP_CHECK_EVERY`` steps) on the compiled one. Returns
+    one ``Completion`` per prompt, in order.
     See the module docstring for exactly what ``logprobs`` holds.
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -307,77 +335,128 @@ def generate(
     if max_new_tokens < 1:
         return [Completion([], [], False) for _ in prompts]
     check_tokens(model, prompts, "prompt", pad_id=pad_id, extra_positions=max_new_tokens)
+    sample = dict(temperature=temperature, top_p=top_p, greedy=greedy)
     device = model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
-    compiled = device.type == "cuda" if compile is None else compile
+    compiled = device.type in COMPILE_ON if compile is None else compile
+    decode = _decode_compiled if compiled else _decode_eager
+    out_tokens, out_logp, length, finished = decode(model, prompts, seeds, max_new_tokens, stop_ids, pad_id, on_step,
+                                                    sample)
+    return [Completion(out_tokens[b][: length[b]], out_logp[b][: length[b]], finished[b])
+            for b in range(len(prompts))]
 
+
+class _Outputs:
+    """The tokens, log-probs, lengths and stop flags of a generation, kept on the device until the end; also the
+    per-step count of tokens produced, read by the host only at stop checks."""
+
+    def __init__(self, B: int, max_new_tokens: int, stop_ids, device):
+        self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        self.tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+        self.logp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+        self.length = torch.zeros(B, dtype=torch.long, device=device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.produced = torch.zeros(max_new_tokens, dtype=torch.long, device=device)  # tokens made at each step
+        self.reported = 0  # steps already passed to on_step
+
+    def record(self, t: int, rows, alive, token, logp):
+        """Step ``t``'s tokens of the rows still in the batch (``rows``); returns ``alive`` after this step's stops.
+        Device ops only: no host sync."""
+        self.tokens[rows, t] = torch.where(alive, token, self.tokens[rows, t])
+        self.logp[rows, t] = torch.where(alive, logp, self.logp[rows, t])
+        self.length[rows] += alive
+        self.produced[t] = alive.sum()
+        hit = alive & torch.isin(token, self.stop)
+        self.finished[rows] |= hit
+        return alive & ~hit
+
+    def check(self, t: int, alive, on_step) -> int:
+        """The one host sync: report steps up to ``t`` to ``on_step`` (steps after every row stopped produced
+        nothing and are not reported); return how many rows are still running."""
+        *counts, n_alive = torch.cat([self.produced[self.reported: t + 1], alive.sum()[None]]).tolist()
+        self.reported = t + 1
+        if on_step is not None:
+            for n in counts:
+                if n:
+                    on_step(n)
+        return n_alive
+
+    def lists(self):
+        return self.tokens.tolist(), self.logp.tolist(), self.length.tolist(), self.finished.tolist()
+
+
+def _decode_eager(model, prompts, seeds, max_new_tokens, stop_ids, pad_id, on_step, sample):
+    """The eager loop: attends to the slots written so far, checks for stops every step and drops finished rows
+    once a quarter of the batch has finished."""
+    device, dtype, B = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype, len(prompts)
     P = max(len(p) for p in prompts)
-    cache_len = P + max_new_tokens
-    if compiled:  # one graph for many prompt lengths (a changed cache length would recompile)
-        cache_len = -(-cache_len // CACHE_BUCKET) * CACHE_BUCKET
-    cache, logits, is_pad, position = prefill(model, prompts, cache_len, pad_id)
+    cache, logits, is_pad, position = prefill(model, prompts, P + max_new_tokens, pad_id)
     key_bias = None
     if bool(is_pad.any()):  # hide the prompts' pad slots from every later query
-        hidden = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
+        hidden = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
         hidden[:, :P] = is_pad
         key_bias = hidden_key_bias(hidden, dtype)
     keys = row_keys(seeds, device)
-    step_fn = decode_one_token
-    if compiled:
-        step_fn = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else "default")
-        static = static_cache(model, B, cache_len)
-        for dst, src in zip((*static.k, *static.v), (*cache.k, *cache.v)):
-            dst.copy_(src)  # every slot: the prompts, zeros after them (no stale values from an earlier call)
-        cache = static
-    sample = dict(temperature=temperature, top_p=top_p, greedy=greedy)
-
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    out_logp = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-    length = torch.zeros(B, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    out = _Outputs(B, max_new_tokens, stop_ids, device)
     rows = torch.arange(B, device=device)  # original index of each row still in the batch
     alive = torch.ones(B, dtype=torch.bool, device=device)  # rows in the batch that have not stopped yet
-
-    token, logp = _pick(logits, temperature, top_p, greedy, keys, 0)
-    running = B  # rows that produce a token at this step
+    token, logp = _pick(logits, keys=keys, step=0, **sample)
     for t in range(max_new_tokens):
         if t > 0:
-            slot = P + t - 1  # the previous token's cache slot
-            if compiled:
-                slot = torch.tensor(slot, device=device)
-                step = torch.tensor(t, device=device)
-                if device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-            else:
-                step = t
-            token, logp = step_fn(model, token, position, slot, cache, key_bias, keys, step, **sample)
-            if compiled:  # a CUDA graph's outputs are overwritten by its next replay
-                token, logp = token.clone(), logp.clone()
+            token, logp = decode_one_token(model, token, position, P + t - 1, cache, key_bias, keys, t, **sample)
             position = position + 1
-        out_tokens[rows, t] = torch.where(alive, token, out_tokens[rows, t])
-        out_logp[rows, t] = torch.where(alive, logp, out_logp[rows, t])
-        length[rows] += alive
-        hit = alive & torch.isin(token, stop)
-        finished[rows] |= hit
-        alive = alive & ~hit
-        n_alive = int(alive.sum())
-        if on_step is not None:
-            on_step(running)
-        running = n_alive
+        alive = out.record(t, rows, alive, token, logp)
+        n_alive = out.check(t, alive, on_step)
         if n_alive == 0:
             break
-        if not compiled and len(rows) - n_alive >= max(1, len(rows) // 4):  # drop finished rows (eager only)
+        if len(rows) - n_alive >= max(1, len(rows) // 4):  # drop finished rows
             keep = alive.nonzero().squeeze(-1)
             cache, rows, token, position, keys = (cache.select(keep), rows[keep], token[keep], position[keep],
                                                   keys[keep])
             key_bias = key_bias[keep] if key_bias is not None else None
             alive = alive[keep]
+    return out.lists()
 
-    out_tokens, out_logp, length, finished = out_tokens.tolist(), out_logp.tolist(), length.tolist(), finished.tolist()
-    return [
-        Completion(out_tokens[b][: length[b]], out_logp[b][: length[b]], finished[b]) for b in range(B)
-    ]
+
+def _decode_compiled(model, prompts, seeds, max_new_tokens, stop_ids, pad_id, on_step, sample):
+    """The compiled loop: static shapes (a kept cache, ``static_cache``; finished and spare rows keep decoding,
+    masked), device-side slot and step counters, a stop check every ``STOP_CHECK_EVERY`` steps."""
+    device, dtype, B = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype, len(prompts)
+    P = max(len(p) for p in prompts)
+    cache = static_cache(model, B, -(-(P + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
+    rows = cache.batch_size
+    spare = rows - B  # rows decoding a copy of the first prompt (prefilled once with it), never reported
+    prompts, seeds = list(prompts) + [prompts[0]] * spare, list(seeds) + [0] * spare
+    prompt_cache, logits, is_pad, position = prefill(model, prompts, P, pad_id)
+    for dst, src in zip((*cache.k, *cache.v), (*prompt_cache.k, *prompt_cache.v)):
+        dst[:, :, :P].copy_(src)
+        dst[:, :, P:].zero_()  # no stale values from an earlier call (they are hidden anyway)
+    del prompt_cache
+    hidden = torch.zeros(rows, cache.max_len, dtype=torch.bool, device=device)
+    hidden[:, :P] = is_pad
+    key_bias = hidden_key_bias(hidden, dtype)  # always a tensor: one graph whether or not a prompt is padded
+    keys = row_keys(seeds, device)
+    step_fn = compiled_decode_one_token("reduce-overhead" if device.type == "cuda" else "default")
+    # The temperature as a device tensor: one graph for rollouts (1.0) and Table 1 samples (0.7) of one geometry,
+    # where a Python float would be a constant of the graph (the same float32 division either way).
+    sample = dict(sample, temperature=torch.full((), sample["temperature"], dtype=torch.float32, device=device))
+    out = _Outputs(rows, max_new_tokens, stop_ids, device)
+    all_rows = torch.arange(rows, device=device)
+    alive = all_rows < B
+    slot = torch.full((), P - 1, dtype=torch.long, device=device)  # the previous token's cache slot
+    step = torch.zeros((), dtype=torch.long, device=device)
+    token, logp = _pick(logits, keys=keys, step=0, **sample)
+    for t in range(max_new_tokens):
+        if t > 0:
+            slot, step = slot + 1, step + 1
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            token, logp = step_fn(model, token, position, slot, cache, key_bias, keys, step, **sample)
+            token, logp = token.clone(), logp.clone()  # a CUDA graph's outputs are overwritten by its next replay
+            position = position + 1
+        alive = out.record(t, all_rows, alive, token, logp)
+        if ((t + 1) % STOP_CHECK_EVERY == 0 or t == max_new_tokens - 1) and out.check(t, alive, on_step) == 0:
+            break
+    return out.lists()
 
 
 def sequence_logprobs(

@@ -15,19 +15,34 @@ What is notable here:
   shapes -- what a compiled, CUDA-graph-captured decode step needs (``atmanrl.model.generate``).
 - Padded keys are hidden one way, ``hidden_key_bias``: a finite ``finfo.min`` bias (weight exactly 0 next to any
   visible key; a query whose every key is hidden gets a harmless uniform softmax instead of NaN).
-- The bias keeps its precision: scores and bias are added in the wider of the model's and the bias's dtype. A bf16
-  model with a float32 AtMan bias runs that attention in float32, because bf16 has steps of 1/64 near -4 (-3.99
-  and -3.98 would both become -3.984) and the mask optimiser's small steps would vanish.
+- The bias keeps its precision: scores and bias are added in the wider of the model's and the bias's dtype, because
+  bf16 has steps of 1/64 near -4 (-3.99 and -3.98 would both become -3.984) and the mask optimiser's small steps
+  would vanish.
+- Which kernel runs a masked attention call is ``Llama.attention`` (``ATTENTION_KERNELS``; docs/DESIGN.md, "The
+  attention kernel"). ``sdpa``, the reference: the causal mask and the bias summed into one dense mask for
+  ``scaled_dot_product_attention``; a bf16 model with a float32 AtMan bias then runs that attention in float32 on
+  SDPA's math backend. ``flex``: FlexAttention (compiled on CUDA), with the bias added by a ``score_mod`` to the
+  kernel's float32 scores (the bias is not rounded, q/k/v stay bf16), the causal structure in the same ``score_mod``
+  plus a block mask that skips the key blocks above the diagonal, and grouped-query heads read in place
+  (``enable_gqa``). ``efficient``: SDPA's memory-efficient kernel, keys/values copied out to the query heads and the
+  bias rounded to the model's dtype (a candidate kept for measurement). ``auto`` (default): ``flex`` on CUDA for
+  the mask optimisation and the compiled decode step, ``sdpa`` for the rest and everywhere off CUDA
+  (``attention_kernel``). Calls without a mask (plain causal training forwards, unpadded prefills, eager decoding
+  without padding) always use SDPA's ``is_causal``/maskless path, which is flash attention on a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 @dataclass
@@ -167,6 +182,115 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Attention kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+ATTENTION_KERNELS = ("auto", "sdpa", "flex", "efficient")
+FLEX_BLOCK = 128  # FlexAttention's block of queries / keys (its default sparse block size)
+
+
+def attention_kernel(choice: str, device: torch.device, hot: bool = True) -> str:
+    """The kernel a masked attention call runs for ``Llama.attention == choice``.
+
+    ``auto`` is ``flex`` on CUDA for the ``hot`` calls -- a static decode step, and a bias with one row per query
+    (the AtMan mask; ~90 % of a paper update) -- and ``sdpa`` for the rest (a padded prefill: a key-only bias, once
+    per call) and everywhere off CUDA (eager FlexAttention materialises the scores like SDPA's math path, so on a
+    CPU it buys nothing; its numerics are tested there). Few call kinds on flex keep its compiled variants few.
+    """
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"Llama.attention is {choice!r}; use one of {list(ATTENTION_KERNELS)}")
+    if choice == "auto":
+        return "flex" if device.type == "cuda" and hot else "sdpa"
+    return choice
+
+
+@dataclass
+class AttnMask:
+    """The causal mask and the bias of one forward, as the chosen kernel takes them (built once per forward).
+
+    ``sdpa`` / ``efficient``: ``dense`` = causal mask + bias, one tensor. ``flex``: the ``bias`` as given
+    (``(B|1, H|1, S|1, K)``), the slot of query 0 (``start_pos``, a 0-dim tensor) and the ``block_mask`` of the key
+    blocks below the diagonal.
+    """
+
+    kernel: str
+    dense: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    start_pos: torch.Tensor | None = None
+    block_mask: BlockMask | None = None
+
+
+def causal_block_mask(s_q: int, s_k: int, start_pos: int | torch.Tensor, device=None) -> BlockMask:
+    """FlexAttention's block mask for causal attention of ``s_q`` queries from slot ``start_pos`` over ``s_k`` keys.
+
+    Each block of ``FLEX_BLOCK`` queries visits the key blocks up to the one holding its last query's slot; the
+    blocks wholly above the diagonal (most of the unwritten static cache in a decode step) are skipped. The exact
+    diagonal is drawn by the ``score_mod`` (``_flex_causal``), so every visited block is a "full" block and the
+    mask function is ``noop_mask``: one function object for every call, so a compiled caller does not recompile for
+    a new mask closure. Built from tensor arithmetic (no ``create_block_mask``), so it works inside a compiled,
+    CUDA-graph-captured decode step where ``start_pos`` is a device tensor.
+    """
+    n_q, n_k = -(-s_q // FLEX_BLOCK), -(-s_k // FLEX_BLOCK)
+    rows = torch.arange(n_q, device=device)
+    last_slot = start_pos + torch.clamp((rows + 1) * FLEX_BLOCK, max=s_q) - 1  # slot of each block's last query
+    n_visible = torch.clamp(last_slot // FLEX_BLOCK + 1, max=n_k).to(torch.int32)[None, None]  # (1, 1, n_q)
+    indices = torch.arange(n_k, device=device, dtype=torch.int32).repeat(n_q, 1)[None, None]  # (1, 1, n_q, n_k)
+    return BlockMask.from_kv_blocks(torch.zeros_like(n_visible), indices, n_visible, indices,
+                                    BLOCK_SIZE=FLEX_BLOCK, seq_lengths=(s_q, s_k))
+
+
+def _flex_causal(q, k, v, bias, start_pos, block_mask):
+    """FlexAttention with ``score_mod`` = causal (key slot <= query slot) + ``bias[b, h, q, k]``.
+
+    The bias is read inside the kernel and added to its float32 scores, so a float32 AtMan bias keeps its
+    precision on a bf16 model without casting q/k/v (and its gradient is accumulated over the heads in the kernel,
+    never materialised per head). Size-1 dims of the bias broadcast (index 0). The score_mod is defined here, inside
+    the (compiled) function, so that a new bias tensor is a new input, not a new closure to guard on.
+    """
+    if bias is None:
+        def score_mod(score, b, h, i, j):
+            return torch.where(j <= i + start_pos, score, float("-inf"))
+    else:
+        nb, nh, nq, nk = (n > 1 for n in bias.shape)
+
+        def score_mod(score, b, h, i, j):
+            value = score + bias[b if nb else 0, h if nh else 0, i if nq else 0, j if nk else 0]
+            return torch.where(j <= i + start_pos, value, float("-inf"))
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def _flex_causal_compiled():
+    """``_flex_causal`` under ``torch.compile``, built on the first CUDA call (building it imports torch._dynamo,
+    seconds that a CPU-only run need not pay). ``dynamic``: one graph for every sequence length and batch size
+    instead of a static graph per shape (the mask optimisation's shapes change with every batch of rollouts)."""
+    return torch.compile(_flex_causal, dynamic=True)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask | None) -> torch.Tensor:
+    """Eq. 1's ``softmax(Q K^T / sqrt(d) + causal + H^AtMan) V`` for ``q (B, H, S, d)``, ``k, v (B, Hkv, K, d)``,
+    on the kernel ``mask`` names; the output is in q's dtype. ``mask`` None: plain causal attention (or one query
+    that sees every key), which SDPA runs without materialising a mask (flash attention on a GPU)."""
+    dtype, gqa = q.dtype, q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    if mask.kernel == "flex":
+        eager = q.device.type != "cuda" or torch.compiler.is_compiling()
+        return (_flex_causal if eager else _flex_causal_compiled())(q, k, v, mask.bias, mask.start_pos,
+                                                                    mask.block_mask)
+    if mask.kernel == "efficient":  # K/V copied out to the query heads; the mask is in q's dtype (Llama.forward)
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], 1), v.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        only_efficient = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]) if q.is_cuda else contextlib.nullcontext()
+        with only_efficient:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense.to(dtype))
+    # The reference: a mask wider than q (a float32 AtMan bias on a bf16 model) is not rounded to q's dtype; the
+    # attention then runs in the mask's dtype (module docstring).
+    if mask.dense.dtype != dtype:
+        q, k, v = q.to(mask.dense.dtype), k.to(mask.dense.dtype), v.to(mask.dense.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -205,17 +329,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, start_pos, k, v)  # (B, Hkv, start_pos + S, d)
-        # Eq. 1: softmax(Q K^T / sqrt(d) + mask) V, where `mask` = causal mask + H^AtMan (the attn_bias).
-        # mask None means plain causal attention, which SDPA does without materialising a mask (see Llama.forward).
-        # A mask wider than the model's dtype (a float32 AtMan bias on a bf16 model) is not rounded to the model's
-        # dtype: the attention then runs in the mask's dtype (see the module docstring).
-        dtype = q.dtype
-        if mask is not None and mask.dtype != dtype:
-            q, k, v = q.to(mask.dtype), k.to(mask.dtype), v.to(mask.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=self.n_heads != self.n_kv_heads
-        )
-        return self.o_proj(out.to(dtype).transpose(1, 2).reshape(B, S, -1))
+        out = attend(q, k, v, mask)  # Eq. 1: softmax(Q K^T / sqrt(d) + causal mask + H^AtMan) V
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):
@@ -283,6 +398,7 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.attention = "auto"  # the kernel of masked attention calls: one of ATTENTION_KERNELS (module docstring)
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)`` / ``.bfloat16()`` / ``.half()`` cast the parameters but keep the RoPE frequencies at
@@ -337,15 +453,9 @@ class Llama(nn.Module):
             positions = (start_pos + torch.arange(S, device=tokens.device)).expand(B, S)
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        if not static and attn_bias is None and (S == 1 or start_pos == 0):
-            mask = None  # causal only: one query sees every cached slot, or SDPA's is_causal on a square block
-        else:
-            # Scores + bias in the wider dtype: a float32 AtMan bias is not rounded to bf16 (module docstring).
-            dtype = x.dtype if attn_bias is None else torch.promote_types(x.dtype, attn_bias.dtype)
-            n_keys = cache.max_len if static else start_pos + S
-            mask = causal_mask(S, n_keys, start_pos, tokens.device, dtype)
-            if attn_bias is not None:
-                mask = mask + attn_bias.to(dtype)
+        mask = None  # causal only: one query sees every cached slot, or SDPA's is_causal on a square block
+        if static or attn_bias is not None or (S > 1 and start_pos != 0):
+            mask = self._mask(S, cache.max_len if static else start_pos + S, start_pos, attn_bias, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start_pos)
         x = self.norm(x)
@@ -353,6 +463,23 @@ class Llama(nn.Module):
             index = logits_at.to(tokens.device).expand(B, -1)
             x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
         return self.lm_head(x)
+
+    def _mask(self, s_q: int, s_k: int, start_pos, attn_bias, dtype) -> AttnMask:
+        """The causal mask + ``attn_bias`` of one forward, in the form ``self.attention``'s kernel takes."""
+        device = self.inv_freq.device
+        static = isinstance(start_pos, torch.Tensor)
+        kernel = attention_kernel(self.attention, device, static or attn_bias is not None and attn_bias.dim() > 1
+                                  and attn_bias.shape[-2] > 1)
+        if kernel == "flex":
+            start = start_pos if static else torch.full((), start_pos, device=device)
+            bias = None if attn_bias is None else attn_bias[(None,) * (4 - attn_bias.dim())]
+            return AttnMask("flex", bias=bias, start_pos=start,
+                            block_mask=causal_block_mask(s_q, s_k, start_pos, device))
+        if kernel == "sdpa" and attn_bias is not None:
+            # Scores + bias in the wider dtype: a float32 AtMan bias is not rounded to bf16 (module docstring).
+            dtype = torch.promote_types(dtype, attn_bias.dtype)
+        dense = causal_mask(s_q, s_k, start_pos, device, dtype)
+        return AttnMask(kernel, dense=dense if attn_bias is None else dense + attn_bias.to(dtype))
 
     @property
     def num_parameters(self) -> int:

@@ -158,6 +158,7 @@ def build_run(cfg: RunConfig, policy: torch.nn.Module | None = None, task: Task 
 
     # ---- the reference and inference copies, sharding, optimizer -----------------------------------------
     policy = policy.to(d.device)
+    policy.attention = cfg.model.attention  # copied into the reference and inference copies below
     reference = None
     if cfg.grpo.kl_beta > 0:  # a frozen copy of the initial policy (the paper uses no KL term)
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
