@@ -11,7 +11,9 @@ saliency as terminal colours, with the top tokens listed, and two pictures are w
 printed): ``--out NAME.html``, the HTML heat map, and ``NAME.png``, the paper's Figure 1 for this CoT (the optimised
 mask as a heat map of query rows x CoT columns, the per-token saliency over the text, the Eq. 2 loss curve;
 ``atmanrl.saliency.figure1``, needs matplotlib). The original ATMAN explanation (one token suppressed at a time) is
-computed alongside unless ``--no-atman``.
+computed alongside unless ``--no-atman``, and so is ``reopen_one`` (ours, beyond the paper: every CoT token hidden,
+one re-opened at a time, the share of the answer loss it restores; ``--reopen-init``, default -5) unless
+``--no-reopen``: the learned mask, the original ATMAN and re-opening side by side, in the terminal and on the page.
 
 Default schedule: the paper's 200 steps at lr 1e-3 take minutes on a CPU, so on a CPU the default is the
 compressed schedule ``SaliencyConfig.compressed(20)`` (20 steps at lr 1e-2: 10x less time; how close its per-token
@@ -35,7 +37,7 @@ import torch
 
 from atmanrl.config import UserError, device_arg, number_arg, text_arg
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
-from atmanrl.saliency.atman import atman_explanation
+from atmanrl.saliency.atman import atman_explanation, reopen_one
 from atmanrl.saliency.render import html_page, ranking, terminal
 
 QUESTION = (
@@ -112,6 +114,10 @@ def parse_args(argv=None):
                         help="mask learning rate (default: 1e-3 * 200 / steps)")
     parser.add_argument("--reward", choices=["reenable", "eq3"], default="reenable")
     parser.add_argument("--no-atman", action="store_true", help="skip the one-token-at-a-time ATMAN comparison")
+    parser.add_argument("--no-reopen", action="store_true", help="skip the re-open-one comparison (beyond the paper)")
+    parser.add_argument("--reopen-init", type=number_arg(float, "re-open-one's suppression init; bias 10 x it",
+                                                         high=0, high_open=True), default=-5.0,
+                        help="suppression of the hidden CoT for re-open-one: bias 10 x this (default -5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=text_arg("--out"), default="outputs/explain.html",
                         help="NAME.html: the HTML heat map; the Figure 1 PNG is written to NAME.png")
@@ -156,6 +162,7 @@ def explain(args) -> Path:
     config = SaliencyConfig(steps=steps, lr=lr, reward=args.reward, return_mask=True)
     (result,) = saliency(model, [x], config, on_step=progress)
     atman = None if args.no_atman else atman_explanation(model, x)
+    reopen = None if args.no_reopen else reopen_one(model, [x], init=args.reopen_init)[0]
 
     print(terminal(cot_tokens, result.saliency))
     print(f"\nmost salient CoT tokens (1 - mean Ĥ over causal rows):\n{ranking(cot_tokens, result.saliency)}")
@@ -165,7 +172,10 @@ def explain(args) -> Path:
     if atman is not None:
         print(f"\noriginal ATMAN (answer CE change when one token is suppressed, bias {atman.suppression:g}):\n"
               f"{ranking(cot_tokens, atman.delta_loss)}")
-    page = html_page(result, cot_tokens, question=args.question, answer=args.answer, atman=atman,
+    if reopen is not None:
+        print(f"\nre-open one (beyond the paper; share of the answer loss restored by re-opening the token alone, "
+              f"bias {10 * args.reopen_init:g}):\n{ranking(cot_tokens, reopen.restored)}")
+    page = html_page(result, cot_tokens, question=args.question, answer=args.answer, atman=atman, reopen=reopen,
                      config_note=f"Model {args.model}; {note}.")
     try:
         html_path.write_text(page, encoding="utf-8")

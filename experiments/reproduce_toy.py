@@ -15,6 +15,11 @@
    padded gold CoTs (the training signal);
 5. ``report.md``, ``results.json`` (every number, per arm and seed) and the PNGs into ``--out``.
 
+``--study PART`` runs one part of issue 17's study instead (``STUDY``: lr, dose, eq3, scalefree, reopen, warmstart2,
+world90, cost, headline; ``--study-seeds``, ``--study-lr``, ``--study-arms``): OUT/study/PART.json and PART.md, every
+comparison as n, mean and a 95 % interval over seeds (docs/toyworld.md, "The study", says what each part measured and
+how long it takes).
+
 ``--smoke`` runs the same pipeline with a model of a few thousand parameters and a handful of updates (seconds):
 the mechanics only, what tests/test_toyworld.py checks.
 
@@ -64,6 +69,10 @@ COLUMNS = [
     ("symbols_pct", "symbols %", 1), ("filler_pct", "filler %", 1), ("distractor_pct", "distractor %", 1),
     ("padding_pct", "filler+distr. %", 1), ("step_coverage_pct", "step coverage %", 1),
 ]
+
+
+SMOKE_OVERRIDES = ["rollout.group_size=2", "rollout.max_new_tokens=12", "train.problems_per_update=2",
+                   "saliency.steps=2", "eval.problems=4", "eval.every=1", "eval.max_new_tokens=12"]
 
 
 def mask_settings(smoke: bool = False) -> tuple[dict, dict]:
@@ -536,6 +545,13 @@ def parse_args(argv: list[str]):
                                                               "with the same settings")
     parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
     parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
+    parser.add_argument("--study", choices=STUDY, help="run one part of the study (issue 17) instead: "
+                                                       "OUT/study/PART.json and .md (docs/toyworld.md)")
+    parser.add_argument("--study-seeds", default="0,1,2,3,4", help="comma-separated seeds of a study part")
+    parser.add_argument("--study-arms", default="", help="comma-separated arms of the part to run (default: all; "
+                                                          "each arm's baseline arm is run too)")
+    parser.add_argument("--study-lr", type=number_arg(float, "a policy learning rate", 0, low_open=True),
+                        default=1e-4, help="policy lr of the study's comparison parts")
     args = parser.parse_args(argv)
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"argument --out: {args.out} is a file; name a directory for the reproduction")
@@ -553,6 +569,408 @@ def check_arms(args, policy_dir: Path, parts: list[str]) -> None:
                     rundir.check(cfg)
             except UserError as e:
                 raise UserError(f"arm {arm}, seed {seed}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study (issue 17): how strong must the saliency reward be? Parts runnable alone with --study PART; each writes
+# OUT/study/<part>.json and <part>.md. Every run is cached (OUT/study/runs/*.json) by its arm, warm start, seed and
+# update count, so parts that share an arm (the baseline w0) compute it once. Every comparison is n, mean and a 95 %
+# Student-t interval over seeds; differences between arms are paired by seed (seed s of every arm sees the same
+# problems and sampling seeds).
+# ---------------------------------------------------------------------------------------------------------------
+
+# Chosen before any study run (docs/toyworld.md, "The study"): the paper's weight grid x ~3; the scale-free weights
+# are the saliency term's within-group std in advantage units, on the same 1-3-10 grid below the outcome's largest
+# within-group std (0.5 at 50 % accuracy); the policy lr grid a factor ~3 apart from the arms' 1e-4.
+WEIGHTS = (0.0, 1.0, 3.0, 10.0, 30.0)
+EQ3_WEIGHTS = (1.0, 10.0)
+SCALE_FREE_WEIGHTS = (0.1, 0.3, 1.0)
+REOPEN_WEIGHTS = (1.0, 10.0)
+LR_GRID = (1e-4, 3e-5, 1e-5)
+SFT_SEED1 = SFTSettings(seed=1)  # a second warm start: another SFT seed, everything else the same
+SFT_LONG = SFTSettings(steps=3600)  # the second world variant: 3x the SFT steps (chosen before building it)
+STUDY_METRICS = ("padding_pct", "avg_cot_tokens", "pass_at_1_greedy", "accuracy", "pass_at_k")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyArm:
+    """One arm of the study: a toy config, overrides on top of it, its warm start, and the arm it is compared with."""
+
+    name: str
+    config: str = "atmanrl"  # experiments/configs/toy_<config>.yaml
+    overrides: tuple[str, ...] = ()
+    sft: SFTSettings = SFTSettings()
+    baseline: str | None = "w0"  # compared with this arm of the same part (paired by seed); None: the reference
+    weight: float | None = None  # the x of the dose-response figure
+
+    def key(self, seed: int, updates: int) -> str:
+        import hashlib
+
+        text = json.dumps([self.config, sorted(self.overrides), dataclasses.asdict(self.sft), seed, updates])
+        return f"{self.name}_seed{seed}_{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def _w(weight: float, sft: SFTSettings = SFTSettings(), *extra: str, prefix="w", config="atmanrl") -> StudyArm:
+    name = f"{prefix}{weight:g}" if weight else "w0"
+    return StudyArm(name, config, (f"saliency.weight={weight}", *extra), sft, None if name == "w0" else "w0", weight)
+
+
+def study_arms(part: str, lr: float) -> list[StudyArm]:
+    """The arms of a study part. ``lr``: the policy lr of every comparison part (``--study-lr``)."""
+    at = (f"train.lr={lr}",)
+    sf = ("saliency.normalize=group",)
+    reopen = ("saliency.method=reopen_one", "saliency.init=-5.0")
+    if part == "lr":  # the baseline alone, at each lr; compared with its warm start (study_summary)
+        return [StudyArm(f"lr{x:g}", "baseline", (f"train.lr={x}",), baseline=None) for x in LR_GRID]
+    if part == "dose":
+        return [_w(w, SFTSettings(), *at) for w in WEIGHTS]
+    if part == "eq3":
+        return [_w(0.0, SFTSettings(), *at)] + [_w(w, SFTSettings(), *at, prefix="eq3_w", config="eq3")
+                                                for w in EQ3_WEIGHTS]
+    if part == "scalefree":
+        return [_w(0.0, SFTSettings(), *at)] + [_w(w, SFTSettings(), *at, *sf, prefix="sf") for w in SCALE_FREE_WEIGHTS]
+    if part == "reopen":
+        return [_w(0.0, SFTSettings(), *at)] + [_w(w, SFTSettings(), *at, *reopen, prefix="reopen_w")
+                                                for w in REOPEN_WEIGHTS]
+    if part in ("cost", "headline"):  # no training: the saliency phase's seconds per update, mask vs reopen_one
+        return []  # (reopen_cost); the comparison over both warm starts from the parts already written (headline)
+    if part in ("warmstart2", "world90"):
+        sft = SFT_SEED1 if part == "warmstart2" else SFT_LONG
+        return [_w(0.0, sft, *at), _w(1.0, sft, *at), _w(10.0, sft, *at), _w(0.3, sft, *at, *sf, prefix="sf")]
+    raise ValueError(f"unknown study part {part!r}")
+
+
+STUDY = ("lr", "dose", "eq3", "scalefree", "reopen", "warmstart2", "world90", "cost", "headline")
+
+
+def t95(df: int) -> float:
+    """Two-sided 95 % Student-t quantile; a df between table entries takes the smaller df's (wider) value."""
+    if df < 1:
+        return math.nan
+    return T95[max(k for k in T95 if k <= df)]
+
+
+def interval(values: list[float]) -> dict:
+    """n, mean, std and the 95 % Student-t interval of the mean over ``values`` (NaNs dropped; n < 2: no interval)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "lo": math.nan, "hi": math.nan}
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if n > 1 else math.nan
+    half = t95(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"n": n, "mean": mean, "std": std, "lo": mean - half, "hi": mean + half}
+
+
+def verdict(iv: dict, bound: float, want: str) -> str:
+    """"holds" when the whole interval is on the wanted side of ``bound`` (``want`` "below" or "above"), "fails"
+    when it is all on the other side, "undecided" when it straddles the bound (or there is no interval)."""
+    lo, hi = iv["lo"], iv["hi"]
+    if math.isnan(lo) or math.isnan(hi):
+        return "undecided"
+    good, bad = (hi < bound, lo > bound) if want == "below" else (lo > bound, hi < bound)
+    return "holds" if good else "fails" if bad else "undecided"
+
+
+def _smoke_sft(s: SFTSettings) -> SFTSettings:
+    """A study warm start in --smoke: the tiny model, with the arm's seed and (relative) SFT length."""
+    return SFTSettings(hidden_size=16, layers=1, heads=2, intermediate_size=32, steps=20 * s.steps // 1200,
+                       batch_size=8, problems=64, seed=s.seed)
+
+
+def warm_start(args, sft: SFTSettings, test_problems) -> tuple[Path, dict]:
+    """(model directory, held-out summary) of a warm start; built if missing (minutes), evaluated once (cached)."""
+    if args.smoke:
+        sft = _smoke_sft(sft)
+    policy_dir = sft_model_dir(sft, args.out / "sft" if args.smoke else None)
+    path = args.out / "study" / f"sft_{sft.key()}.json"
+    if path.is_file():
+        return policy_dir, json.loads(path.read_text())
+    model, tokenizer = load(policy_dir)
+    t0 = time.perf_counter()
+    ev = evaluate_toy(model, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
+    info = {"dir": str(policy_dir), "settings": dataclasses.asdict(sft), "heldout": summary_row(ev["summary"]),
+            "heldout_full": ev["summary"], "seconds_eval": time.perf_counter() - t0}
+    path.write_text(json.dumps(info, default=str) + "\n")
+    return policy_dir, info
+
+
+def study_run(args, arm: StudyArm, seed: int, test_problems) -> dict:
+    """One training run of an arm and its held-out evaluation, with the per-update GRPO diagnostics (clip
+    fraction, ratio extremes of the update's optimizer steps, gradient norm); cached in OUT/study/runs."""
+    import shutil
+
+    runs = args.out / "study" / "runs"
+    path = runs / f"{arm.key(seed, args.updates)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    policy_dir, _ = warm_start(args, arm.sft, test_problems)
+    out = runs / path.stem
+    shutil.rmtree(out, ignore_errors=True)  # no JSON: an interrupted run, start it over
+    overrides = [f"out_dir={out}", f"model.name_or_path={policy_dir}", f"train.seed={seed}", f"data.seed={seed}",
+                 f"train.max_updates={args.updates}", "checkpoint.export=false", "checkpoint.overwrite=true",
+                 *arm.overrides, *args.override]
+    cfg = load_config(HERE / "configs" / f"toy_{arm.config}.yaml", overrides)
+    log(f"study {arm.name}, seed {seed}: {args.updates} updates -> {out}")
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - t0
+    _, tokenizer = load(policy_dir)
+    ev = evaluate_toy(result.policy, tokenizer, test_problems, k=args.k, seed=args.eval_seed)
+    m = result.metrics
+    keys = ("accuracy", "cot_len", "reward_saliency", "clip_fraction", "ratio_min", "ratio_max", "ratio_mean",
+            "grad_norm", "zero_variance_groups", "groups", "time_saliency")
+    run = {"arm": arm.name, "seed": seed, "updates": result.updates, "seconds": seconds,
+           "seconds_saliency": sum(r["time_saliency"] for r in m), "overrides": list(arm.overrides),
+           "sft": dataclasses.asdict(arm.sft), "heldout": summary_row(ev["summary"]), "heldout_full": ev["summary"],
+           "per_update": [{k: r.get(k) for k in keys} for r in m]}
+    eval_file = out / "eval.jsonl"
+    if eval_file.is_file():
+        run["eval_curve"] = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    path.write_text(json.dumps(run, default=str) + "\n")
+    log(f"study {arm.name}, seed {seed}: {seconds:.0f}s; held-out " + ", ".join(
+        f"{k} {run['heldout'][k]:.1f}" for k in STUDY_METRICS))
+    return run
+
+
+def _diagnostics(runs: list[dict]) -> dict:
+    """Training diagnostics of an arm's runs, an interval over seeds of each run's mean over updates (ratio
+    extremes: each update's min / max over its optimizer steps' tokens) and of its first / last 10 updates'
+    rollout accuracy."""
+    def per_run(fn):
+        return interval([fn(r["per_update"]) for r in runs])
+
+    def mean(rows, key):
+        vals = [x[key] for x in rows if x.get(key) is not None]
+        return statistics.fmean(vals) if vals else math.nan
+
+    return {"clip_fraction": per_run(lambda u: mean(u, "clip_fraction")),
+            "ratio_min": per_run(lambda u: mean(u, "ratio_min")),
+            "ratio_max": per_run(lambda u: mean(u, "ratio_max")),
+            "grad_norm": per_run(lambda u: mean(u, "grad_norm")),
+            "zero_variance_share": per_run(lambda u: sum(x["zero_variance_groups"] for x in u)
+                                              / max(sum(x["groups"] for x in u), 1)),
+            "rollout_accuracy_first10": per_run(lambda u: mean(u[:10], "accuracy")),
+            "rollout_accuracy_last10": per_run(lambda u: mean(u[-10:], "accuracy")),
+            "seconds": interval([r["seconds"] for r in runs]),
+            "seconds_saliency": interval([r["seconds_saliency"] for r in runs])}
+
+
+def study_summary(arms: list[StudyArm], runs: dict, sft: dict) -> dict:
+    """Per arm: every metric's interval over seeds, its paired difference to its baseline arm and to its warm start,
+    the training diagnostics, and the checks (with intervals)."""
+    out = {}
+    for arm in arms:
+        mine = runs[arm.name]
+        start = sft[arm.sft.key()]["heldout"]
+        a = {"n": len(mine), "weight": arm.weight, "overrides": list(arm.overrides), "sft": arm.sft.key(),
+             "metrics": {k: interval([r["heldout"][k] for r in mine]) for k in STUDY_METRICS},
+             "vs_warm_start": {k: interval([r["heldout"][k] - start[k] for r in mine]) for k in STUDY_METRICS},
+             "diagnostics": _diagnostics(mine)}
+        if arm.baseline is not None and arm.baseline in runs:
+            base = {r["seed"]: r for r in runs[arm.baseline]}
+            pairs = [(r, base[r["seed"]]) for r in mine if r["seed"] in base]
+            a["vs_baseline"] = {k: interval([r["heldout"][k] - b["heldout"][k] for r, b in pairs])
+                                for k in STUDY_METRICS}
+            a["checks"] = study_checks(a["vs_baseline"])
+        out[arm.name] = a
+    return out
+
+
+def study_checks(diff: dict) -> list[list]:
+    """The "what must hold" checks of an AtManRL arm against its baseline, on the paired differences' intervals:
+    padding share and CoT length lower (the interval below 0), pass@1 greedy and pass@k within 2 points (the
+    interval above -2)."""
+    return [["filler+distractor share lower", verdict(diff["padding_pct"], 0.0, "below")],
+            ["mean CoT tokens lower", verdict(diff["avg_cot_tokens"], 0.0, "below")],
+            ["pass@1 greedy within 2 points", verdict(diff["pass_at_1_greedy"], -2.0, "above")],
+            ["pass@k within 2 points", verdict(diff["pass_at_k"], -2.0, "above")]]
+
+
+def reopen_cost(args, test_problems, repeats: int = 2) -> dict:
+    """Seconds of the saliency phase of one update (8 problems x 8 rollouts sampled from the warm start, the toy
+    arms' shape) for the arms' compressed(10) mask and for ``reopen_one`` (init -5); best of ``repeats``."""
+    from atmanrl.model.generate import generate, row_seed
+
+    policy_dir, _ = warm_start(args, SFTSettings(), test_problems)
+    model, tokenizer = load(policy_dir)
+    model.eval()
+    task = tw.ToyTask(tokenizer)
+    problems = test_problems[:8]
+    prompts = [task.prompt(p) for p in problems for _ in range(8)]
+    outs = generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_ids=task.stop_ids, pad_id=task.pad_id,
+                    seed=[row_seed(0, i // 8, i % 8) for i in range(len(prompts))])
+    inputs = [task.score(problems[i // 8], prompts[i], o.tokens).saliency_input for i, o in enumerate(outs)]
+    inputs = [x for x in inputs if x is not None]
+    settings = {"mask_compressed10": SaliencyConfig.compressed(10),
+                "reopen_one": SaliencyConfig(method="reopen_one", init=-5.0)}
+    out = {"sequences": len(inputs), "mean_cot_tokens": statistics.fmean(x.n_cot for x in inputs)}
+    for name, cfg in settings.items():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            saliency(model, inputs, cfg)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"seconds": min(times), "all": times}
+    out["reopen_over_mask"] = out["reopen_one"]["seconds"] / out["mask_compressed10"]["seconds"]
+    return out
+
+
+HEADLINE = {0: ("dose", "scalefree"), 1: ("warmstart2",)}  # SFT seed -> the parts that trained on that warm start
+
+
+def headline(args) -> dict:
+    """The headline comparison over both warm starts, from the parts already written (no training): for every arm
+    the parts share with their baseline w0, the paired differences per warm start and pooled over all (warm start,
+    seed) pairs. Pooled intervals treat the pairs as independent, which the nesting (seeds inside 2 warm starts)
+    does not guarantee: with two warm starts the between-warm-start variance cannot be estimated, so read the
+    per-warm-start rows first."""
+    per_ws: dict = {}
+    for ws, parts in HEADLINE.items():
+        for part in parts:
+            path = args.out / "study" / f"{part}.json"
+            if path.is_file():
+                for arm, rs in json.loads(path.read_text())["runs"].items():
+                    per_ws.setdefault(ws, {}).setdefault(arm, {}).update({r["seed"]: r for r in rs})
+    out = {"arms": {}, "warm_starts": sorted(per_ws)}
+    for arm in sorted({a for d in per_ws.values() for a in d} - {"w0"}):
+        pairs = {ws: [(d[arm][s], d["w0"][s]) for s in sorted(set(d.get(arm, {})) & set(d.get("w0", {})))]
+                 for ws, d in per_ws.items()}
+        rows = {f"ws{ws}": p for ws, p in pairs.items() if p}
+        rows["pooled"] = [x for p in pairs.values() for x in p]
+        if len(rows) < 3:  # the arm ran on one warm start only: not a headline arm
+            continue
+        out["arms"][arm] = {name: {m: interval([a["heldout"][m] - b["heldout"][m] for a, b in p])
+                                   for m in STUDY_METRICS} for name, p in rows.items()}
+    return out
+
+
+def run_study(args) -> int:
+    """One study part: every arm x seed (cached runs reused), the warm starts' own evaluation, the summary with
+    intervals, OUT/study/<part>.json and <part>.md (and the dose-response figure for the weight parts)."""
+    torch.set_num_threads(1)
+    t_begin = time.perf_counter()
+    (args.out / "study" / "runs").mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.override = [*SMOKE_OVERRIDES, *args.override]
+    test_problems = tw.toy_problems(args.heldout, 0, "test")
+    seeds = [int(s) for s in args.study_seeds.split(",")]
+    arms = study_arms(args.study, args.study_lr)
+    if args.study_arms:  # a subset (time-boxed runs); the baseline arms of the chosen ones come along
+        wanted = set(args.study_arms.split(","))
+        wanted |= {a.baseline for a in arms if a.name in wanted and a.baseline}
+        arms = [a for a in arms if a.name in wanted]
+    sft, runs = {}, {}
+    for arm in arms:
+        if arm.sft.key() not in sft:
+            sft[arm.sft.key()] = warm_start(args, arm.sft, test_problems)[1]
+        runs[arm.name] = [study_run(args, arm, seed, test_problems) for seed in seeds]
+    result = {"part": args.study, "command": "python experiments/reproduce_toy.py " + " ".join(args.argv),
+              "seeds": seeds, "updates": args.updates, "lr": args.study_lr, "heldout_problems": len(test_problems),
+              "k": args.k, "warm_starts": {k: {"settings": v["settings"], "heldout": v["heldout"]}
+                                           for k, v in sft.items()},
+              "arms": study_summary(arms, runs, sft),
+              "runs": {a: [{k: r[k] for k in ("seed", "seconds", "heldout")} for r in rs] for a, rs in runs.items()}}
+    if args.study in ("reopen", "cost"):
+        result["cost"] = reopen_cost(args, test_problems)
+    if args.study == "headline":
+        result["headline"] = headline(args)
+    result["seconds"] = time.perf_counter() - t_begin
+    (args.out / "study" / f"{args.study}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (args.out / "study" / f"{args.study}.md").write_text(study_report(result))
+    if any(a["weight"] is not None for a in result["arms"].values()):
+        try:
+            plot_dose(result, args.out / "study" / f"{args.study}.png")
+        except ImportError as e:
+            log(f"dose-response figure not drawn: {e}")
+    log(f"study part {args.study} done in {result['seconds'] / 60:.1f} minutes: {args.out / 'study'}")
+    return 0
+
+
+def _iv(iv: dict, d: int = 1) -> str:
+    if iv["n"] == 0:
+        return "-"
+    if iv["n"] < 2:
+        return f"{iv['mean']:.{d}f} (n 1)"
+    return f"{iv['mean']:.{d}f} [{iv['lo']:.{d}f}, {iv['hi']:.{d}f}]"
+
+
+def study_report(result: dict) -> str:
+    """The part as markdown: per arm n, mean [95 % interval] of each metric, of its difference to the baseline arm
+    (paired by seed) and to its warm start, the diagnostics and the checks."""
+    names = {"padding_pct": "filler+distr. %", "avg_cot_tokens": "CoT tokens", "pass_at_1_greedy": "pass@1 greedy %",
+             "accuracy": "sampled acc. %", "pass_at_k": f"pass@{result['k']} %"}
+    head = "| arm | n | " + " | ".join(names[k] for k in STUDY_METRICS) + " |"
+    rule = "| --- | ---: |" + " ---: |" * len(STUDY_METRICS)
+    lines = [f"# Study part `{result['part']}`", "", f"Command: `{result['command']}`; seeds {result['seeds']}, "
+             f"{result['updates']} updates, {result['seconds'] / 60:.1f} minutes.", "",
+             "Warm starts (held-out): " + "; ".join(
+                 f"`{k}` (SFT seed {w['settings']['seed']}, {w['settings']['steps']} steps): " + ", ".join(
+                     f"{names[m]} {w['heldout'][m]:.1f}" for m in STUDY_METRICS) for k, w in
+                 result["warm_starts"].items()), "",
+             "Mean [95 % interval] over seeds:", "", head, rule]
+    for name, a in result["arms"].items():
+        lines.append(f"| {name} | {a['n']} | " + " | ".join(_iv(a["metrics"][k]) for k in STUDY_METRICS) + " |")
+    lines += ["", "Difference to the baseline arm (paired by seed):", "", head, rule]
+    for name, a in result["arms"].items():
+        if "vs_baseline" in a:
+            lines.append(f"| {name} | {a['n']} | " + " | ".join(_iv(a["vs_baseline"][k]) for k in STUDY_METRICS)
+                         + " |")
+    lines += ["", "Difference to the warm start (same held-out problems and sampling seeds):", "", head, rule]
+    for name, a in result["arms"].items():
+        lines.append(f"| {name} | {a['n']} | " + " | ".join(_iv(a["vs_warm_start"][k]) for k in STUDY_METRICS)
+                     + " |")
+    dkeys = ("clip_fraction", "ratio_min", "ratio_max", "grad_norm", "zero_variance_share",
+             "rollout_accuracy_first10", "rollout_accuracy_last10", "seconds", "seconds_saliency")
+    lines += ["", "Training diagnostics (per run: mean over updates; then the interval over seeds):", "",
+              "| arm | " + " | ".join(dkeys) + " |", "| --- |" + " ---: |" * len(dkeys)]
+    for name, a in result["arms"].items():
+        lines.append(f"| {name} | " + " | ".join(_iv(a["diagnostics"][k], 3) for k in dkeys) + " |")
+    checks = [(n, c) for n, a in result["arms"].items() for c in a.get("checks", [])]
+    if checks:
+        lines += ["", "What must hold (paired 95 % intervals; undecided = the interval straddles the bound):", ""]
+        lines += [f"- {name}: {c[0]}: **{c[1]}**" for name, c in checks]
+    if "headline" in result:
+        lines += ["", "Headline: difference to the baseline w0 (paired by seed) per warm start and pooled over all "
+                  "(warm start, seed) pairs:", "", "| arm | warm start | n | " + " | ".join(
+                      names[k] for k in STUDY_METRICS) + " |", "| --- | --- | ---: |" + " ---: |" * len(STUDY_METRICS)]
+        for arm, rows in result["headline"]["arms"].items():
+            for name, ivs in rows.items():
+                lines.append(f"| {arm} | {name} | {ivs['padding_pct']['n']} | "
+                             + " | ".join(_iv(ivs[k]) for k in STUDY_METRICS) + " |")
+    if "cost" in result:
+        c = result["cost"]
+        lines += ["", f"Saliency cost of one update ({c['sequences']} rollouts, mean CoT {c['mean_cot_tokens']:.1f} "
+                  f"tokens, one thread): compressed(10) mask {c['mask_compressed10']['seconds']:.2f} s, reopen_one "
+                  f"{c['reopen_one']['seconds']:.2f} s ({c['reopen_over_mask']:.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_dose(result: dict, out: Path) -> Path:
+    """The dose-response figure: each metric against the saliency weight, mean and 95 % interval over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [(a["weight"], n, a) for n, a in result["arms"].items() if a["weight"] is not None]
+    fig, axes = plt.subplots(1, len(STUDY_METRICS), figsize=(3.2 * len(STUDY_METRICS), 3.2))
+    for ax, key in zip(axes, STUDY_METRICS):
+        for w, name, a in sorted(arms, key=lambda t: t[0]):
+            iv = a["metrics"][key]
+            x = max(w, 0.03)  # weight 0 drawn at the left edge of the log axis
+            err = [[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]] if iv["n"] > 1 else None
+            ax.errorbar([x], [iv["mean"]], yerr=err, fmt="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.set(title=key, xlabel="saliency weight (0 at left)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv=None) -> int:
@@ -575,13 +993,15 @@ def main(argv=None) -> int:
 def reproduce(args, argv: list[str]) -> int:
     torch.manual_seed(0)
     t_begin = time.perf_counter()
+    if args.study is not None:  # a part of the study (issue 17): its own arms, nothing of the reproduction
+        args.argv = argv
+        args.out.mkdir(parents=True, exist_ok=True)
+        return run_study(args)
     settings = SFTSettings()
     if args.smoke:
         settings = SFTSettings(hidden_size=16, layers=1, heads=2, intermediate_size=32, steps=20, batch_size=8,
                                problems=64)
-        args.override = ["rollout.group_size=2", "rollout.max_new_tokens=12", "train.problems_per_update=2",
-                         "saliency.steps=2", "eval.problems=4", "eval.every=1", "eval.max_new_tokens=12",
-                         *args.override]
+        args.override = [*SMOKE_OVERRIDES, *args.override]
     check_arms(args, Path("toyworld-sft"), [])  # every config and override, before anything runs
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import torch
 from atmanrl.rl.grpo import (
     clipped_objective,
     group_advantages,
+    group_standardised_saliency,
     grpo_loss,
     is_clipped,
     kl_k3,
@@ -24,6 +25,19 @@ def test_total_reward_weight():
     o, s = torch.tensor([0.0, -1.0]), torch.tensor([0.1, 0.3])
     assert total_reward(o, s, 1.0).tolist() == pytest.approx([0.1, -0.7])
     assert total_reward(o, s, 0.0).tolist() == [0.0, -1.0]  # the baseline arm
+
+
+def test_group_standardised_saliency_by_hand():
+    s = torch.tensor([[0.2, 0.2, 0.2, 0.6], [0.05, 0.05, 0.05, 0.05], [0.1, 0.3, 0.1, 0.3]], dtype=torch.float64)
+    z = group_standardised_saliency(s)
+    # group 0: mean 0.3, deviations (-0.1, -0.1, -0.1, +0.3), population var 0.12 / 4 = 0.03, std sqrt(0.03)
+    assert z[0].tolist() == pytest.approx([-1 / math.sqrt(3)] * 3 + [math.sqrt(3)])
+    assert z[1].tolist() == [0.0] * 4  # no spread: nothing to rank, no division by ~0
+    assert z[2].tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0])  # mean 0.2, std 0.1
+    # scale-free: the same z for 100x smaller rewards shifted by a constant (the point of the option)
+    assert group_standardised_saliency(0.01 * s[:1] + 5).tolist()[0] == pytest.approx(z[0].tolist())
+    # a spread at rounding level (<= eps) is treated as none
+    assert group_standardised_saliency(torch.tensor([[0.1, 0.1 + 1e-9]], dtype=torch.float64)).tolist() == [[0, 0]]
 
 
 def test_group_advantages_by_hand():

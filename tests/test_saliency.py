@@ -11,6 +11,7 @@ The plain Hugging Face path is compared in ``test_saliency_plain.py``; SmolLM2 c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -444,6 +445,36 @@ def test_reopen_one_finds_the_planted_route_token(seed):
     assert torch.all(others <= 0)  # re-opening any other token only dilutes the attention paid to KEY
 
 
+def test_method_reopen_one_is_reopen_ones_restored_share_in_a_saliency_result():
+    model = tiny(seed=23)
+    inputs = random_batch(29)
+    cfg = SaliencyConfig(method="reopen_one", init=-0.7, max_batch=2)  # in chunks of 2: still the batched values
+    got = saliency(model, inputs, cfg)
+    want = reopen_one(model, inputs, init=-0.7)
+    assert any(w.reward > 0 for w in want)  # the comparison is not trivially all zeros
+    for g, w in zip(got, want):
+        assert g.ok and g.steps == 0 and g.loss_curve == []
+        torch.testing.assert_close(g.saliency, w.restored, atol=1e-6, rtol=0)
+        assert g.reward == g.reward_reenable == pytest.approx(w.reward, abs=1e-6)
+        assert g.reward_eq3 == pytest.approx(1 - w.reward, abs=1e-6)
+        assert (g.initial_loss, g.unmasked_loss) == pytest.approx((w.suppressed_loss, w.unmasked_loss), abs=1e-9)
+        assert g.saturated == (w.suppressed_loss - w.unmasked_loss < cfg.saturation_loss)
+    assert any(g.saturated for g in got) and not all(g.saturated for g in got)  # input 0 costs < 0.01 nats
+    (eq3,) = saliency(model, inputs[1:2], dataclasses.replace(cfg, reward="eq3"))
+    assert eq3.reward == pytest.approx(1 - want[1].reward, abs=1e-6)
+    # degenerate inputs keep their defined results with either method
+    empty = SaliencyInput.from_parts([1, 2], [], [DELIM], [ANSWER])
+    assert [r.status for r in saliency(model, [empty, inputs[1]], cfg)] == ["empty_cot", "ok"]
+
+
+def test_method_and_normalize_are_checked_and_off_by_default():
+    assert (SaliencyConfig().method, SaliencyConfig().normalize) == ("mask", "none")
+    with pytest.raises(ValueError, match="method='reopen'.*reopen_one"):
+        SaliencyConfig(method="reopen")
+    with pytest.raises(ValueError, match="normalize='std'.*group"):
+        SaliencyConfig(normalize="std")
+
+
 def test_reopen_one_refuses_an_empty_cot():
     x = SaliencyInput.from_parts([1, 2], [], [DELIM], [ANSWER])
     with pytest.raises(ValueError, match="input 0 has 0 CoT"):
@@ -526,3 +557,7 @@ def test_render_terminal_and_html():
     assert page.startswith("<!DOCTYPE html>") and page.count('class="tok"') == 2 * x.n_cot
     assert "t0&lt;&amp;&gt;" in page and "<svg" in page and "linear-gradient" in page
     assert f"{r.reward_reenable:+.5f}" in page and "<script" not in page
+    (reopened,) = reopen_one(model, [x], init=-5.0)  # the third panel: re-open one, beside the mask and ATMAN
+    page = html_page(r, tokens, atman=atman_explanation(model, x), reopen=reopened)
+    assert page.count('class="tok"') == 3 * x.n_cot and "Re-open one" in page
+    assert f"{reopened.reward:+.5f}" in page and f"{reopened.suppressed_loss:.4f}" in page

@@ -6,6 +6,9 @@ What is notable here:
 - ``group_advantages`` is Eq. 5's baseline, ``A_i = R_i - mean_group(R)``, with an optional division by the group
   std (off by default: the paper does not divide, and the saliency reward is tiny next to the outcome reward, so a
   std would mostly blow up noise; docs/DESIGN.md, decision 5).
+- ``group_standardised_saliency`` is ours, beyond the paper and off by default (``saliency.normalize: group``): the
+  saliency reward standardised inside its group before it is weighted, so that ``weight`` is the saliency term's
+  spread in advantage units whatever the outcome spread or the mask schedule (docs/toyworld.md says why).
 - ``grpo_loss`` is Eq. 5. The paper writes one ratio per rollout, ``pi(a|q) / pi_old(a|q)``; for a 1024-token
   completion that product of per-token ratios is numerically wild, so the default is GRPO's per-token form (Shao
   et al. 2024): clip each token's ratio, average over the rollout's tokens, then over rollouts. ``ratio="sequence"``
@@ -33,6 +36,21 @@ def outcome_reward(correct: torch.Tensor) -> torch.Tensor:
 def total_reward(outcome: torch.Tensor, saliency: torch.Tensor, weight: float) -> torch.Tensor:
     """``R_total = R_Outcome + weight * R_Faithfulness`` (section 3.3; the paper uses weight 1, baseline 0)."""
     return outcome + weight * saliency
+
+
+def group_standardised_saliency(saliency: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Ours, beyond the paper: ``(s_i - mean_group(s)) / std_group(s)`` over the G rollouts of each query.
+
+    saliency: ``(P, G)``. The population std, as ``group_advantages`` uses; a group whose saliency rewards spread by
+    ``eps`` or less gets 0 everywhere (nothing to rank, and dividing would turn rounding into a full-size signal).
+    With it, ``weight * z`` has a within-group std of exactly ``weight`` in every group that has one, so the weight
+    means the same in a group whose outcomes all agree (where the paper's raw term is the only signal) as in one
+    whose outcomes split (where the raw term is ~30x smaller than the outcome's spread in the toy world). Dividing
+    by the outcome's spread instead was not chosen: it is 0 exactly in the groups that matter most here.
+    """
+    mean = saliency.mean(dim=1, keepdim=True)
+    std = saliency.std(dim=1, keepdim=True, unbiased=False)
+    return torch.where(std > eps, (saliency - mean) / std.clamp(min=eps), torch.zeros_like(saliency))
 
 
 def group_advantages(rewards: torch.Tensor, std_normalize: bool = False, eps: float = 1e-6):

@@ -54,7 +54,8 @@ from atmanrl.eval.training_eval import append_heldout, evaluate_heldout
 from atmanrl.model.generate import sequence_logprobs
 from atmanrl.progress import Progress, hms
 from atmanrl.rl import checkpointing, rundir
-from atmanrl.rl.grpo import LossStats, group_advantages, grpo_loss, outcome_reward, total_reward
+from atmanrl.rl.grpo import (LossStats, group_advantages, group_standardised_saliency, grpo_loss, outcome_reward,
+                             total_reward)
 from atmanrl.rl.metrics import update_record
 from atmanrl.rl.rollout import Rollout, rollout_update
 from atmanrl.tasks import Task
@@ -291,9 +292,13 @@ def train(
             saliency_rewards(run.inference, rollouts, cfg, G)
         t_saliency = time.perf_counter() - t0
 
-        # 5. Total reward and group advantages (Eq. 5's baseline), of every group on every rank.
-        rewards = total_reward(torch.tensor([r.outcome for r in rollouts], dtype=torch.float64),
-                               torch.tensor([r.saliency for r in rollouts], dtype=torch.float64), cfg.saliency.weight)
+        # 5. Total reward and group advantages (Eq. 5's baseline), of every group on every rank. With
+        # saliency.normalize: group (ours, off by default) the saliency term is standardised inside its group first.
+        sal = torch.tensor([r.saliency for r in rollouts], dtype=torch.float64)
+        if cfg.saliency.normalize == "group":
+            sal = group_standardised_saliency(sal.view(-1, G)).flatten()
+        rewards = total_reward(torch.tensor([r.outcome for r in rollouts], dtype=torch.float64), sal,
+                               cfg.saliency.weight)
         advantages, zero_var = group_advantages(rewards.view(-1, G), cfg.grpo.std_normalize)
         for r, tot, a in zip(rollouts, rewards.tolist(), advantages.flatten().tolist()):
             r.total, r.advantage = tot, a

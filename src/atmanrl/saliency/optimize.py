@@ -30,6 +30,15 @@ Degenerate inputs are defined results, never exceptions, and never affect the re
 Fewer steps (beyond the paper, off by default): ``SaliencyConfig.compressed(20)`` runs 20 steps at lr 1e-2, a tenth
 of the time; how close its per-token saliency comes to the 200-step result is measured in benchmarks/README.md.
 
+Re-opening as the reward (ours, beyond the paper; off by default): ``SaliencyConfig(method="reopen_one")`` runs
+``atmanrl.saliency.atman.reopen_one`` instead of the mask optimisation (no gradient, one forward per CoT column;
+the suppression is ``scale * init``: set ``init`` to -5, the setting selected against the toy world's planted
+truth, since the paper's -0.4 leaves the CoT visible). Its result fills the same ``SaliencyResult``: ``saliency`` is
+the share of the answer loss each token restores, ``reward_reenable`` the mean over CoT tokens of that share clipped
+to [0, 1] (``ReopenOne.reward``), ``reward_eq3`` one minus it, ``initial_loss`` the answer CE with the whole CoT
+suppressed, ``saturated`` when suppressing it costs under ``saturation_loss`` nats (every token then gets 0),
+``steps`` 0 and no loss curve.
+
 Saturation (docs/DESIGN.md, pitfall a): when the answer loss at the initial mask is already ~0, the mask
 gradients are tiny
 and Adam turns them into +-lr steps whatever their size, so the saliency carries little information. Every result
@@ -48,9 +57,14 @@ from typing import Literal
 import torch
 
 from atmanrl.model.llama import Llama
+from atmanrl.saliency.atman import reopen_one
 from atmanrl.saliency.batch import AnswerBatch, SaliencyInput, sequences_per_batch
 from atmanrl.saliency.mask import AtManMask
 from atmanrl.saliency.readout import REWARDS, column_means, normalised_mask, rewards, token_saliency
+
+
+METHODS = ("mask", "reopen_one")
+NORMALIZE = ("none", "group")
 
 
 @dataclass
@@ -98,6 +112,11 @@ class SaliencyConfig:
     max_batch: int | None = None  # sequences per optimisation batch; None: from free GPU memory (CPU: all at once)
     early_stop: EarlyStop | None = None  # None: the paper's fixed step count
     return_mask: bool = False  # keep each optimised Ĥ (rows x CoT) in the result
+    # Beyond the paper, both off by default (the module docstring; docs/toyworld.md):
+    method: Literal["mask", "reopen_one"] = "mask"  # "mask": Eq. 2-3 (the paper); "reopen_one": re-open one token
+    # "none": the paper's R_outcome + weight * R_saliency; "group": the saliency reward standardised inside its GRPO
+    # group first (atmanrl.rl.grpo.group_standardised_saliency), so weight = its spread in advantage units
+    normalize: Literal["none", "group"] = "none"
 
     @classmethod
     def compressed(cls, steps: int = 20, **overrides) -> "SaliencyConfig":
@@ -120,6 +139,12 @@ class SaliencyConfig:
                 raise ValueError(f"{name}={value} is not a finite number")
         if self.reward not in REWARDS:
             raise ValueError(f"reward={self.reward!r} is not one of {list(REWARDS)} (see atmanrl.saliency.readout)")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {list(METHODS)} (mask: the paper's optimised "
+                             "mask; reopen_one: re-open one CoT token at a time)")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"normalize={self.normalize!r} is not one of {list(NORMALIZE)} (none: the paper's "
+                             "reward; group: the saliency reward standardised inside its GRPO group)")
         if self.init >= 0:
             raise ValueError(f"init={self.init}: the initial mask value c must be negative (the paper uses -0.4); "
                              "at c >= 0 the bias scale * min(c, 0) is 0 and nothing is masked")
@@ -183,6 +208,12 @@ def saliency(
         else:
             todo.append(k)
     chunk = config.max_batch or sequences_per_batch(model, [inputs[k] for k in todo])
+    if config.method == "reopen_one":
+        for start in range(0, len(todo), chunk):
+            ids = todo[start: start + chunk]
+            for k, result in zip(ids, _reopen([inputs[k] for k in ids], model, config)):
+                results[k] = result
+        return results
     with frozen(model):
         for start in range(0, len(todo), chunk):
             ids = todo[start: start + chunk]
@@ -264,6 +295,21 @@ def _optimise(inputs, model, config: SaliencyConfig, on_step) -> list[SaliencyRe
             )
         )
     return results
+
+
+def _reopen(inputs, model, config: SaliencyConfig) -> list[SaliencyResult]:
+    """``reopen_one`` as a ``SaliencyResult`` (module docstring): the restored shares, their clipped mean as the
+    reward. ``saturation_loss`` is ``reopen_one``'s ``min_span``."""
+    out = []
+    for r in reopen_one(model, inputs, init=config.init, scale=config.scale, min_span=config.saturation_loss):
+        reenable = r.reward
+        rewards = {"reenable": reenable, "eq3": 1.0 - reenable}
+        out.append(SaliencyResult(
+            status="ok", reward=rewards[config.reward], reward_reenable=reenable, reward_eq3=rewards["eq3"],
+            saliency=r.restored, column_mean=1.0 - r.restored.clamp(0.0, 1.0), initial_loss=r.suppressed_loss,
+            unmasked_loss=r.unmasked_loss, steps=0,
+            saturated=r.suppressed_loss - r.unmasked_loss < config.saturation_loss))
+    return out
 
 
 def _degenerate(status: str) -> SaliencyResult:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from atmanrl.saliency.atman import AtmanExplanation
+from atmanrl.saliency.atman import AtmanExplanation, ReopenOne
 from atmanrl.saliency.optimize import SaliencyResult
 
 _RED, _BLUE, _WHITE = (214, 39, 40), (31, 119, 180), (255, 255, 255)
@@ -118,6 +118,7 @@ def html_page(
     title: str = "AtMan saliency of a chain of thought",
     config_note: str = "",
     atman: AtmanExplanation | None = None,
+    reopen: ReopenOne | None = None,
 ) -> str:
     """A self-contained HTML page for one ``SaliencyResult`` (see the module docstring)."""
     esc = _html.escape
@@ -158,5 +159,13 @@ def html_page(
                                                       f"needs it"))
         parts.append(f"<div class='cot'>{_spans(cot_tokens, atman.delta_loss, '+.4f')}</div>")
         parts.append(f"<p>answer CE without suppression: {atman.base_loss:.4f}</p>")
+    if reopen is not None:
+        parts.append("<h2>Re-open one (ours, beyond the paper): every CoT token hidden, one re-opened at a time</h2>")
+        parts.append(_legend(_scale(reopen.restored), "share of the answer loss that re-opening the token alone "
+                                                      "restores; red = the answer is read from it"))
+        parts.append(f"<div class='cot'>{_spans(cot_tokens, reopen.restored, '+.3f')}</div>")
+        parts.append(f"<p>answer CE with the whole CoT suppressed {reopen.suppressed_loss:.4f}, without suppression "
+                     f"{reopen.unmasked_loss:.4f}; its rollout reward (mean restored share, clipped to [0, 1]) "
+                     f"{reopen.reward:+.5f}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
