@@ -81,9 +81,9 @@ from atmanrl.model.generate import (
     sequence_logprobs,
 )
 from atmanrl.model.llama import KVCache, Llama, LlamaConfig, hidden_key_bias
-from atmanrl.rl.grpo import group_advantages, outcome_reward, total_reward
+from atmanrl.rl.grpo import outcome_reward
 from atmanrl.rl.rollout import rollout_update
-from atmanrl.rl.trainer import Run, make_optimizer, policy_update, saliency_rewards
+from atmanrl.rl.trainer import Run, assign_advantages, make_optimizer, policy_update, saliency_rewards
 from atmanrl.saliency import (
     AnswerBatch,
     AtManMask,
@@ -566,11 +566,7 @@ def bench_update(model: Llama, args, decode_rows: list[dict], saliency_rows: lis
     out["saliency_batches"] = -(-len(rollouts) // sequences_per_batch(model, [r.score.saliency_input
                                                                               for r in rollouts]))
     # 5. Total reward, group advantages.
-    rewards = total_reward(torch.tensor([r.outcome for r in rollouts], dtype=torch.float64),
-                           torch.tensor([r.saliency for r in rollouts], dtype=torch.float64), cfg.saliency.weight)
-    advantages, _ = group_advantages(rewards.view(-1, G), cfg.grpo.std_normalize)
-    for r, a in zip(rollouts, advantages.flatten().tolist()):
-        r.advantage = a
+    assign_advantages(rollouts, cfg, G)
     # First pass: sampler log-probs (compiled decode, flex) vs the training forward (SDPA, flash) -- ratio ~1.
     with torch.no_grad():
         logp, mask = sequence_logprobs(model, [r.prompt for r in rollouts[:8]], [r.completion for r in rollouts[:8]],

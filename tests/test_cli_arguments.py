@@ -60,8 +60,8 @@ def no_model(monkeypatch):
 @pytest.fixture(scope="module")
 def toy_model_dir(tmp_path_factory):
     """A tiny model of the toy world's vocabulary as a Hugging Face directory (64 positions), built in a second."""
-    from atmanrl.tasks.toyworld import build_tokenizer
     from atmanrl.model import Llama, LlamaConfig, save_hf
+    from atmanrl.tasks.toyworld import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=tokenizer.tokenizer.get_vocab_size(), hidden_size=16, intermediate_size=32,
@@ -139,9 +139,10 @@ def test_eval_refuses_a_missing_or_damaged_model(capsys, tmp_path, toy_model_dir
 
 def test_eval_refuses_a_nonfinite_model_before_sampling(capsys, tmp_path, monkeypatch):
     """Issue 16, case 6: evaluating a NaN policy exited 0 with a results file."""
+    from tiny import tiny_policy
+
     import atmanrl.eval
     import atmanrl.model
-    from tiny import tiny_policy
 
     policy = tiny_policy()
     with torch.no_grad():
@@ -593,9 +594,10 @@ def test_train_script_reports_a_full_disk_or_a_read_only_out_dir_in_one_sentence
 
 def test_train_script_keeps_out_dir_locked_until_it_is_done_with_it(tmp_path, monkeypatch):
     """Issue 16, case 3: the figure and the policy evaluation ran after train() had released the lock."""
+    from tiny import TinyTask, tiny_policy
+
     from atmanrl.rl import rundir
     from atmanrl.rl.trainer import train
-    from tiny import TinyTask, tiny_policy
 
     run_gsm8k, seen = script("run_gsm8k"), []
 

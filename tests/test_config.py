@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from atmanrl.config import ConfigError, RunConfig, load_config, to_dict, from_dict
+from atmanrl.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 

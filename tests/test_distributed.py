@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.fsdp import FSDPModule
 from tiny import TinyTask, tiny_config, tiny_policy
+from torch.distributed.fsdp import FSDPModule
 
 from atmanrl import dist
 from atmanrl.model import load_hf
@@ -87,7 +87,7 @@ def run_arm(root, name: str) -> None:
 
     def recording(model, rollouts, cfg, G):
         recorded(model, rollouts, cfg, G)
-        rewards.append([r.saliency for r in rollouts])  # all of the update's rollouts, on every rank
+        rewards.append([r.saliency_reward for r in rollouts])  # all of the update's rollouts, on every rank
 
     recorded, trainer.saliency_rewards = trainer.saliency_rewards, recording
     try:

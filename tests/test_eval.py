@@ -87,7 +87,8 @@ def test_evaluate_end_to_end_on_smollm2(smollm2, tmp_path):
     from atmanrl.tasks.synthetic import synthetic_problems
 
     model, tok = smollm2
-    result = evaluate(model, GSM8KTask(tok), synthetic_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
+    task, problems = GSM8KTask(tok), synthetic_problems(2, seed=0)
+    result = evaluate(model, task, problems, k=2, max_new_tokens=8, seed=0, progress=False)
     samples = result["samples"]
     assert len(samples) == 4 and [s["problem"] for s in samples] == [0, 0, 1, 1]
     for s in samples:
@@ -95,7 +96,7 @@ def test_evaluate_end_to_end_on_smollm2(smollm2, tmp_path):
         assert set(s["composition"]) == {"tokens", "numbers", "stop_words", "symbols"}
     assert result["summary"]["samples"] == 4
     json.dumps(result)  # every field serialises
-    again = evaluate(model, GSM8KTask(tok), synthetic_problems(2, seed=0), k=2, max_new_tokens=8, seed=0, progress=False)
+    again = evaluate(model, task, problems, k=2, max_new_tokens=8, seed=0, progress=False)
     assert [s["completion"] for s in again["samples"]] == [s["completion"] for s in samples]
 
 

@@ -17,9 +17,9 @@ from tokenizers import models, pre_tokenizers
 
 from atmanrl.eval import faithfulness as F
 from atmanrl.eval import truth
-from atmanrl.tasks import Score, sampling
 from atmanrl.model.generate import Completion
 from atmanrl.model.tokenizer import Tokenizer
+from atmanrl.tasks import Score, sampling
 
 WORDS = ["<pad>", "<eos>", "<user>", "#####", "...", "x", "y", "z", "w", "=", "+", ".", "what", "is", "?", "so"]
 WORDS += [str(n) for n in range(41)]

@@ -25,7 +25,7 @@ TIMES = {"time_rollout": 2.0, "time_saliency": 1.0, "time_update": 0.5}
 
 def _rollout(correct, answered, finished, length, cot, outcome, saliency, saturated=None) -> Rollout:
     r = Rollout(0, [1, 2], [5] * length, [0.0] * length, finished, Score(correct, answered, cot))
-    r.outcome, r.saliency, r.total = outcome, saliency, outcome + saliency
+    r.outcome, r.saliency_reward, r.total = outcome, saliency, outcome + saliency
     if saturated is not None:
         r.saliency_result = SaliencyResult("ok", saliency, saliency, 1 - saliency, torch.zeros(0), torch.zeros(0),
                                            saturated=saturated)

@@ -313,9 +313,12 @@ def test_readout_and_both_rewards_on_a_hand_computed_mask():
     assert torch.allclose(col, torch.tensor([(1 + 0.5 + 0) / 3, (1.0 + 1.5) / 2]))  # 0.5 and 1.25
     assert torch.allclose(token_saliency(col), torch.tensor([0.5, -0.25]))
     r = rewards(col)
-    assert r["reenable"] == pytest.approx((0.5 - 0.25) / 2, abs=1e-12)  # 0.125
-    assert r["eq3"] == pytest.approx((0.5 + 1.25) / 2, abs=1e-12)  # 0.875
-    assert r["eq3"] == pytest.approx(1 - r["reenable"], abs=1e-12)
+    assert r.reenable == pytest.approx((0.5 - 0.25) / 2, abs=1e-12)  # 0.125
+    assert r.eq3 == pytest.approx((0.5 + 1.25) / 2, abs=1e-12)  # 0.875
+    assert r.eq3 == pytest.approx(1 - r.reenable, abs=1e-12)
+    assert (r.oriented("reenable"), r.oriented("eq3")) == (r.reenable, r.eq3)
+    with pytest.raises(ValueError, match="orientation"):
+        r.oriented("reverse")
 
 
 def test_reward_orientation_is_selected_by_config_and_untouched_mask_gives_zero_reenable():

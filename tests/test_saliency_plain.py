@@ -4,8 +4,8 @@ The plain path is the implementation one writes first, and the reference here: H
 ``transformers.LlamaForCausalLM`` holding the same weights, the whole sequence in every step (no prefix cache),
 the AtMan bias built entry by entry as a dense ``(S, S)`` parameter inside a 4D float attention mask that requires
 grad, the full LM head, ``loss.backward()`` (weights keep ``requires_grad``: their gradients are computed and
-thrown away). The plain path lives in ``tests/references.py``, which ``benchmarks/saliency.py`` also times; nothing in ``src/``
-ever imports transformers.
+thrown away). The plain path lives in ``tests/references.py``, which ``benchmarks/saliency.py`` also times; nothing
+in ``src/`` ever imports transformers.
 """
 
 from __future__ import annotations

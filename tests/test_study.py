@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyTask, tiny_config, tiny_policy
 
 from atmanrl.rl import trainer as trainer_module
 from atmanrl.rl.grpo import group_standardised_saliency
 from atmanrl.rl.trainer import train
-from tiny import TinyTask, tiny_config, tiny_policy
 
 pytestmark = pytest.mark.usefixtures("single_process_one_thread")  # conftest.py
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_trainer_combines_rewards_as_configured(tmp_path, monkeypatch, normalize
     cfg = tiny_config(tmp_path, "train.max_updates=1", f"saliency.weight={w}", "saliency.steps=3",
                       "rollout.max_new_tokens=4", f"saliency.normalize={normalize}")
     rollouts = captured_update(monkeypatch, cfg)
-    sal = torch.tensor([r.saliency for r in rollouts], dtype=torch.float64).view(-1, G)
+    sal = torch.tensor([r.saliency_reward for r in rollouts], dtype=torch.float64).view(-1, G)
     outcome = torch.tensor([r.outcome for r in rollouts], dtype=torch.float64).view(-1, G)
     total = torch.tensor([r.total for r in rollouts], dtype=torch.float64).view(-1, G)
     assert sal.std(dim=1).min() > 0  # every group has a saliency spread, so the two forms differ
@@ -66,7 +66,7 @@ def test_trainer_uses_reopen_one_when_configured(tmp_path, monkeypatch):
     assert results and all(r.steps == 0 and r.loss_curve == [] for r in results)  # no mask was optimised
     for r in rollouts:
         if r.saliency_result is not None:
-            assert r.saliency == r.saliency_result.reward == pytest.approx(
+            assert r.saliency_reward == r.saliency_result.reward == pytest.approx(
                 r.saliency_result.saliency.double().clamp(0, 1).mean().item(), abs=1e-6)
 
 

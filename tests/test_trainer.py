@@ -99,10 +99,10 @@ def test_saliency_rewards_one_call_neutral_per_group(monkeypatch):
     saliency_rewards(model, rollouts, cfg, G=3)
     assert calls == [5]  # the 5 answered rollouts of both groups in one call
     assert rollouts[2].saliency_result is None
-    assert rollouts[2].saliency == pytest.approx((rollouts[0].saliency + rollouts[1].saliency) / 2)
-    assert rollouts[0].saliency != rollouts[1].saliency
+    assert rollouts[2].saliency_reward == pytest.approx((rollouts[0].saliency_reward + rollouts[1].saliency_reward) / 2)
+    assert rollouts[0].saliency_reward != rollouts[1].saliency_reward
     for r in rollouts[:2] + rollouts[3:]:
-        assert r.saliency_result.ok and r.saliency == r.saliency_result.reward and r.saliency_result.steps == 3
+        assert r.saliency_result.ok and r.saliency_reward == r.saliency_result.reward and r.saliency_result.steps == 3
 
 
 def test_config_errors_reach_the_trainer(tmp_path):

@@ -48,9 +48,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 
+from atmanrl.eval.truth import Alteration, intervention_labels, item_seed, rank_scores
 from atmanrl.model.generate import generate, row_seed
 from atmanrl.saliency import SaliencyConfig, SaliencyInput, saliency
-from atmanrl.eval.truth import Alteration, intervention_labels, item_seed, rank_scores
 from atmanrl.tasks.gsm8k import DELIMITER, extract_number, format_number
 from atmanrl.tasks.sampling import sample
 

@@ -22,7 +22,7 @@ from atmanrl.rl.rollout import Rollout
 # record key -> the value of one rollout; the record holds the mean over every rollout of the update.
 PER_ROLLOUT: dict[str, Callable[[Rollout], float]] = {
     "reward_outcome": lambda r: r.outcome,  # Eq. 4
-    "reward_saliency": lambda r: r.saliency,  # Eq. 3
+    "reward_saliency": lambda r: r.saliency_reward,  # Eq. 3
     "reward_total": lambda r: r.total,
     "accuracy": lambda r: float(r.score.correct),
     "answered": lambda r: float(r.score.has_answer),  # the delimiter was written

@@ -43,7 +43,7 @@ class Rollout:
     finished: bool  # a stop token was hit (False: cut at max_new_tokens)
     score: Score
     outcome: float = 0.0  # Eq. 4
-    saliency: float = 0.0  # Eq. 3 (as oriented by the saliency config)
+    saliency_reward: float = 0.0  # R_Faithfulness, Eq. 3 (as oriented by the saliency config)
     total: float = 0.0
     advantage: float = 0.0  # Eq. 5's A_i
     # The AtMan mask's result (reward, status, answer loss at step 0, saturation, ...); None when no mask was

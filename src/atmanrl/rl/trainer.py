@@ -54,8 +54,14 @@ from atmanrl.eval.training_eval import append_heldout, evaluate_heldout
 from atmanrl.model.generate import sequence_logprobs
 from atmanrl.progress import Progress, hms
 from atmanrl.rl import checkpointing, rundir
-from atmanrl.rl.grpo import (LossStats, group_advantages, group_standardised_saliency, grpo_loss, outcome_reward,
-                             total_reward)
+from atmanrl.rl.grpo import (
+    LossStats,
+    group_advantages,
+    group_standardised_saliency,
+    grpo_loss,
+    outcome_reward,
+    total_reward,
+)
 from atmanrl.rl.metrics import update_record
 from atmanrl.rl.rollout import Rollout, rollout_update
 from atmanrl.tasks import Task
@@ -292,16 +298,8 @@ def train(
             saliency_rewards(run.inference, rollouts, cfg, G)
         t_saliency = time.perf_counter() - t0
 
-        # 5. Total reward and group advantages (Eq. 5's baseline), of every group on every rank. With
-        # saliency.normalize: group (ours, off by default) the saliency term is standardised inside its group first.
-        sal = torch.tensor([r.saliency for r in rollouts], dtype=torch.float64)
-        if cfg.saliency.normalize == "group":
-            sal = group_standardised_saliency(sal.view(-1, G)).flatten()
-        rewards = total_reward(torch.tensor([r.outcome for r in rollouts], dtype=torch.float64), sal,
-                               cfg.saliency.weight)
-        advantages, zero_var = group_advantages(rewards.view(-1, G), cfg.grpo.std_normalize)
-        for r, tot, a in zip(rollouts, rewards.tolist(), advantages.flatten().tolist()):
-            r.total, r.advantage = tot, a
+        # 5. Total reward and group advantages (Eq. 5's baseline), of every group on every rank.
+        zero_var = assign_advantages(rollouts, cfg, G)
 
         # 6. Policy update (Eq. 5): ppo_epochs passes, each in num_minibatches optimizer steps.
         t0 = time.perf_counter()
@@ -341,6 +339,20 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def assign_advantages(rollouts: list[Rollout], cfg: RunConfig, G: int) -> torch.Tensor:
+    """``R_total`` and the group advantage of every rollout (Eq. 4 + 3, then Eq. 5's baseline), set on the rollouts;
+    returns the zero-variance flag of each group. With ``saliency.normalize: group`` (ours, off by default) the
+    saliency term is standardised inside its group before it is weighted."""
+    sal = torch.tensor([r.saliency_reward for r in rollouts], dtype=torch.float64)
+    if cfg.saliency.normalize == "group":
+        sal = group_standardised_saliency(sal.view(-1, G)).flatten()
+    rewards = total_reward(torch.tensor([r.outcome for r in rollouts], dtype=torch.float64), sal, cfg.saliency.weight)
+    advantages, zero_var = group_advantages(rewards.view(-1, G), cfg.grpo.std_normalize)
+    for r, tot, a in zip(rollouts, rewards.tolist(), advantages.flatten().tolist()):
+        r.total, r.advantage = tot, a
+    return zero_var
+
+
 def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> None:
     """Eq. 2-3 for every rollout that wrote an answer; neutral (its group's mean) for those that did not.
 
@@ -369,14 +381,14 @@ def saliency_rewards(model, rollouts: list[Rollout], cfg: RunConfig, G: int) -> 
     results = dist.spread(my_share, [r.score.saliency_input for r in todo])
     for r, res in zip(todo, results):
         r.saliency_result = res
-        r.saliency = res.reward if res.ok else 0.0
+        r.saliency_reward = res.reward if res.ok else 0.0
     for g in range(0, len(rollouts), G):
         group = rollouts[g:g + G]
-        valid = [r.saliency for r in group if r.saliency_result is not None and r.saliency_result.ok]
+        valid = [r.saliency_reward for r in group if r.saliency_result is not None and r.saliency_result.ok]
         neutral = sum(valid) / len(valid) if valid else 0.0
         for r in group:
             if r.saliency_result is None or not r.saliency_result.ok:
-                r.saliency = neutral
+                r.saliency_reward = neutral
 
 
 @torch.no_grad()

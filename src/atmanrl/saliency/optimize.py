@@ -15,8 +15,9 @@ teacher forcing, for 200 steps. Only the mask is trained: the model's parameters
 ``torch.autograd.grad(loss, [p])``, so no weight gradient is computed or stored and ``.grad`` of the model is never
 touched. The inputs are optimised together in batches with the fast layout of ``atmanrl.saliency.batch``: as
 many as the free GPU memory allows (``max_batch=None``; all at once on a CPU) or ``max_batch`` at a time. Pass the
-masks of a whole training update in one call: every distinct prompt is computed once per batch; each sequence's loss depends only on its own mask and the batch loss is the *sum* of the
-per-sequence losses, so every mask gets exactly the gradient it would get alone (AdamW is elementwise).
+masks of a whole training update in one call: every distinct prompt is computed once per batch; each sequence's loss
+depends only on its own mask and the batch loss is the *sum* of the per-sequence losses, so every mask gets exactly
+the gradient it would get alone (AdamW is elementwise).
 
 Degenerate inputs are defined results, never exceptions, and never affect the rest of the batch:
 
@@ -60,8 +61,7 @@ from atmanrl.model.llama import Llama
 from atmanrl.saliency.atman import reopen_one
 from atmanrl.saliency.batch import AnswerBatch, SaliencyInput, sequences_per_batch
 from atmanrl.saliency.mask import AtManMask
-from atmanrl.saliency.readout import REWARDS, column_means, normalised_mask, rewards, token_saliency
-
+from atmanrl.saliency.readout import REWARDS, Rewards, column_means, normalised_mask, rewards, token_saliency
 
 METHODS = ("mask", "reopen_one")
 NORMALIZE = ("none", "group")
@@ -160,14 +160,20 @@ class SaliencyConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1) (the paper: [0.6, 0.9999])")
         if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1, or null to size batches from free GPU memory (all at once on a CPU)")
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1, or null to size batches from free GPU memory "
+                             "(all at once on a CPU)")
+
+
+# Why a result has no saliency: "ok" has one; the others are degenerate inputs (reward 0.0, the trainer gives them
+# their group's neutral reward): no CoT token, no answer token, or a non-finite answer loss.
+Status = Literal["ok", "empty_cot", "no_answer", "nonfinite_loss"]
 
 
 @dataclass
 class SaliencyResult:
     """The saliency of one input. Tensors are on the CPU, in the mask dtype (float32; float64 for a float64 model)."""
 
-    status: str  # "ok" | "empty_cot" | "no_answer" | "nonfinite_loss"
+    status: Status  # "ok", or why the input is degenerate
     reward: float  # in the orientation of config.reward; 0.0 unless status == "ok"
     reward_reenable: float  # mean over CoT tokens of (1 - column mean of Ĥ)
     reward_eq3: float  # mean over CoT tokens of the column mean of Ĥ (= 1 - reward_reenable)
@@ -281,9 +287,9 @@ def _optimise(inputs, model, config: SaliencyConfig, on_step) -> list[SaliencyRe
         results.append(
             SaliencyResult(
                 status=status,
-                reward=r[config.reward] if status == "ok" else 0.0,
-                reward_reenable=r["reenable"] if status == "ok" else 0.0,
-                reward_eq3=r["eq3"] if status == "ok" else 0.0,
+                reward=r.oriented(config.reward) if status == "ok" else 0.0,
+                reward_reenable=r.reenable if status == "ok" else 0.0,
+                reward_eq3=r.eq3 if status == "ok" else 0.0,
                 saliency=token_saliency(col) if status == "ok" else torch.zeros(0),
                 column_mean=col if status == "ok" else torch.zeros(0),
                 loss_curve=curve[b].tolist(),
@@ -302,17 +308,16 @@ def _reopen(inputs, model, config: SaliencyConfig) -> list[SaliencyResult]:
     reward. ``saturation_loss`` is ``reopen_one``'s ``min_span``."""
     out = []
     for r in reopen_one(model, inputs, init=config.init, scale=config.scale, min_span=config.saturation_loss):
-        reenable = r.reward
-        rewards = {"reenable": reenable, "eq3": 1.0 - reenable}
+        both = Rewards(reenable=r.reward, eq3=1.0 - r.reward)
         out.append(SaliencyResult(
-            status="ok", reward=rewards[config.reward], reward_reenable=reenable, reward_eq3=rewards["eq3"],
+            status="ok", reward=both.oriented(config.reward), reward_reenable=both.reenable, reward_eq3=both.eq3,
             saliency=r.restored, column_mean=1.0 - r.restored.clamp(0.0, 1.0), initial_loss=r.suppressed_loss,
             unmasked_loss=r.unmasked_loss, steps=0,
             saturated=r.suppressed_loss - r.unmasked_loss < config.saturation_loss))
     return out
 
 
-def _degenerate(status: str) -> SaliencyResult:
+def _degenerate(status: Status) -> SaliencyResult:
     empty = torch.zeros(0)
     return SaliencyResult(status, 0.0, 0.0, 0.0, empty, empty)
 

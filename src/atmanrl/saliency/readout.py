@@ -29,6 +29,8 @@ next to the 0/-1 outcome reward. They are not normalised here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 REWARDS = ("reenable", "eq3")
@@ -52,12 +54,25 @@ def token_saliency(column_mean: torch.Tensor) -> torch.Tensor:
     return 1.0 - column_mean
 
 
-def rewards(column_mean: torch.Tensor) -> dict[str, float]:
+@dataclass(frozen=True)
+class Rewards:
+    """A rollout's saliency reward in both orientations (module docstring)."""
+
+    reenable: float
+    eq3: float
+
+    def oriented(self, reward: str) -> float:
+        """The reward in orientation ``reward`` (one of ``REWARDS``)."""
+        if reward not in REWARDS:
+            raise ValueError(f"saliency reward orientation must be one of {REWARDS}, got {reward!r}")
+        return self.reenable if reward == "reenable" else self.eq3
+
+
+def rewards(column_mean: torch.Tensor) -> Rewards:
     """Both rollout-reward orientations from the per-token column means (see the module docstring).
 
     An empty CoT has no column to average; it gets 0.0 in both orientations (the caller flags it as degenerate).
     """
     if column_mean.numel() == 0:
-        return {"reenable": 0.0, "eq3": 0.0}
-    eq3 = column_mean.double().mean().item()
-    return {"reenable": (1.0 - column_mean.double()).mean().item(), "eq3": eq3}
+        return Rewards(0.0, 0.0)
+    return Rewards(reenable=(1.0 - column_mean.double()).mean().item(), eq3=column_mean.double().mean().item())
