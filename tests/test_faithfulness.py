@@ -8,7 +8,6 @@ end-to-end run of all four tests through the real generator and saliency module 
 import json
 import random
 import re
-from dataclasses import asdict
 
 import pytest
 import torch

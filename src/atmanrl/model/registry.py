@@ -59,8 +59,8 @@ def register_built(name: str, build: Callable[[], Path]) -> None:
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Llama, Tokenizer]:
     """``(model, tokenizer)`` from an embedded model name (``"smollm2-135m-instruct"``), a built one
     (``register_built``; ``"toyworld-sft"``: the toy world's SFT warm start, ``atmanrl.toy.sft``), a Hugging Face
-    directory (config.json, safetensors, tokenizer.json) or a ``.gguf`` file. GGUF weights are dequantized to float32 and then
-    cast to ``dtype``. The tokenizer is fitted to the model's embedding (``Tokenizer.fit_vocab``)."""
+    directory (config.json, safetensors, tokenizer.json) or a ``.gguf`` file. GGUF weights are dequantized to float32
+    and then cast to ``dtype``. The tokenizer is fitted to the model's embedding (``Tokenizer.fit_vocab``)."""
     key = str(name_or_path)
     if key.lower() in BUILT:  # the toy world's warm start: trained on first use (minutes), then reused
         path = BUILT[key.lower()]()
