@@ -13,7 +13,8 @@
    read-outs of the mask, and ``reopen_one``, which re-opens one token at a time); the option is SELECTED on
    the first seed's CoTs and REPORTED on the other seeds' CoTs; plus each setting's reward gap between dense and
    padded gold CoTs (the training signal);
-5. ``report.md``, ``results.json`` (every number, per arm and seed) and the PNGs into ``--out``.
+5. ``report.md``, ``results.json`` (every number, per arm and seed), the PNGs and ``side_by_side.html``
+   (Figures 3-5: baseline vs AtManRL CoTs of the same held-out problems) into ``--out``.
 
 ``--study PART`` runs one part of issue 17's study instead (``STUDY``: lr, dose, eq3, scalefree, reopen, warmstart2,
 world90, cost, headline; ``--study-seeds``, ``--study-lr``, ``--study-arms``): OUT/study/PART.json and PART.md, every
@@ -45,6 +46,8 @@ from pathlib import Path
 import torch
 
 from atmanrl.config import UserError, load_config, number_arg
+from atmanrl.eval.side_by_side import side_by_side_html
+from atmanrl.eval.table1 import evaluate
 from atmanrl.model import load
 from atmanrl.rl import rundir
 from atmanrl.rl.figure2 import plot_runs
@@ -200,6 +203,25 @@ def plot_arms(runs: dict, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    return out
+
+
+def side_by_side_page(args, runs: dict, test_problems: list, out: Path, n: int = 6) -> Path | None:
+    """Figures 3-5 for the toy world: the baseline's and AtManRL's (weight 10) CoTs of the same first ``n``
+    held-out problems, seed 0 of each, one sampled completion each (T = 1, the evaluation's seed), spaCy tags
+    coloured (``atmanrl.eval.side_by_side``)."""
+    pair = [runs.get(f"{arm}_seed0") for arm in ("baseline", "atmanrl_w10")]
+    if None in pair:
+        return None
+    problems = test_problems[:n]
+    results = []
+    for run, label in zip(pair, ("baseline", "AtManRL (weight 10)")):
+        policy, tokenizer = load(Path(run["dir"]) / "policy")
+        ev = evaluate(policy.eval(), tw.ToyTask(tokenizer), problems, k=1, max_new_tokens=64, temperature=1.0,
+                      seed=args.eval_seed, progress=False)
+        results.append({"label": f"{label}, seed 0", "samples": ev["samples"]})
+    out.write_text(side_by_side_html(*results, range(len(problems)), title="Toy world: chains of thought side by "
+                                     "side (held-out problems)"), encoding="utf-8")
     return out
 
 
@@ -372,6 +394,10 @@ def write_report(args, results: dict) -> str:
     lines += ["", "Figure 2: `figure2_rollouts.png` (training rollouts, sampled: mean and min-max of the seeds per "
               "arm) and `figure2.png` (held-out greedy accuracy and response length every 10 updates, every run; "
               "greedy CoTs are dense from the start, so that length does not move).", ""]
+    if results.get("side_by_side"):
+        lines += [f"Figures 3-5: [`{results['side_by_side']}`]({results['side_by_side']}), the baseline's and "
+                  "AtManRL's (weight 10) sampled CoTs of the same held-out problems, seed 0 of each, spaCy's numbers, "
+                  "symbols and stop words coloured.", ""]
     tr = results["truth"]
     sel = tr["selection"]
     lines += ["## Saliency against planted truth", "",
@@ -1033,8 +1059,9 @@ def reproduce(args, argv: list[str]) -> int:
     results["runs"] = runs
     results["arms"] = aggregate(runs)
     results["checks"] = checks(results["arms"])
+    page = side_by_side_page(args, runs, test_problems, args.out / "side_by_side.html")
+    results["side_by_side"] = None if page is None else page.name
     try:
-
         plot_runs([r["dir"] for r in runs.values()], args.out / "figure2.png")
         plot_arms(runs, args.out / "figure2_rollouts.png")
     except ImportError as e:

@@ -191,8 +191,9 @@ def test_reproduction_pipeline_smoke(tmp_path):
     out = tmp_path / "toy"
     assert reproduce_toy.main(["--smoke", "--out", str(out), "--seeds", "2", "--updates", "2", "--heldout", "4",
                                "--k", "2", "--truth-problems", "6", "--truth-cots", "3", "--gap-problems", "2"]) == 0
-    for name in ("report.md", "results.json", "figure2.png"):
+    for name in ("report.md", "results.json", "figure2.png", "side_by_side.html"):
         assert (out / name).is_file(), name
+    assert "side_by_side.html" in (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert set(results["arms"]) == set(reproduce_toy.ARMS)
     for run in results["runs"].values():
