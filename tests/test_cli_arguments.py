@@ -16,13 +16,16 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def script(name):
+    """The script ``experiments/NAME.py`` as a module (registered in sys.modules while it runs, as dataclasses with
+    string annotations need)."""
     spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(EXPERIMENTS))  # run_gsm8k.py and reproduce_toy.py import plot_run.py next to them
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 

@@ -110,7 +110,7 @@ def test_shipped_configs_load():
         ("saliency.scale=-10", r"saliency\.scale=-10\.0 must be > 0"),
         ("saliency.steps=0", r"saliency\.steps=0 must be >= 1"),
         ("saliency.steps=-3", r"saliency\.steps=-3 must be >= 1"),
-        ("saliency.init=0", r"saliency\.init=0\.0: the initial mask value c must be negative"),
+        ("saliency.init=0", r"saliency\.init=0\.0 must be < 0 \(the initial mask value c"),
         ("saliency.betas=[0.6, 1.5]", r"saliency\.betas=\[0\.6, 1\.5\] must be two numbers in \[0, 1\)"),
         ("saliency.max_batch=0", r"saliency\.max_batch=0 must be >= 1"),
         ("saliency.weight=-1", r"saliency\.weight=-1\.0 must be >= 0 \(0: the outcome-only baseline.*eq3"),
@@ -186,7 +186,7 @@ def test_saliency_section_is_the_saliency_modules_config():
     defaults = SaliencyConfig()
     for f in ("init", "scale", "steps", "lr", "betas", "weight_decay", "reward", "max_batch"):
         assert getattr(RunConfig().saliency, f) == getattr(defaults, f), f
-    with pytest.raises(ValueError, match="init=0.5: the initial mask value c must be negative"):
+    with pytest.raises(ValueError, match=r"init=0.5 must be < 0 \(the initial mask value c"):
         SaliencyConfig(init=0.5)  # the same check, reached without the run config
 
 

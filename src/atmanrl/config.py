@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from atmanrl.errors import UserError
+from atmanrl.errors import UserError, broken_rule, check_range  # noqa: F401 (check_range: re-exported)
 from atmanrl.saliency.optimize import SaliencyConfig
 
 
@@ -54,33 +54,6 @@ def require(ok: bool, message: str) -> None:
     section) unless ``ok``: the one way a section states a rule that is not a plain range."""
     if not ok:
         raise ValueError(message)
-
-
-def broken_rule(value, low=None, high=None, *, low_open=False, high_open=False) -> str | None:
-    """The range rule ``value`` breaks ("must be > 0", "must be in (0, 1]", "must be a finite number"), or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must be a finite number"
-    if low is not None and high is not None:
-        rule = f"must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        rule = f"must be {'>' if low_open else '>='} {low:g}"
-    else:
-        rule = f"must be {'<' if high_open else '<='} {high:g}"
-    too_low = low is not None and (value < low or (low_open and value == low))
-    too_high = high is not None and (value > high or (high_open and value == high))
-    return rule if too_low or too_high else None
-
-
-def check_range(name: str, value, low=None, high=None, *, low_open=False, high_open=False, none_ok=False,
-                why: str = "") -> None:
-    """Raise ``ValueError("NAME=VALUE must be RULE (why)")`` when ``value`` is outside the range; ``none_ok``: None
-    (YAML null) is allowed and the message says so."""
-    if value is None and none_ok:
-        return
-    rule = "must be a number" if value is None else broken_rule(value, low, high, low_open=low_open,
-                                                                 high_open=high_open)
-    if rule is not None:
-        raise ValueError(f"{name}={value!r} {rule}" + (", or null" if none_ok else "") + (f" ({why})" if why else ""))
 
 
 def number_arg(kind: type, what: str, low=None, high=None, *, low_open=False, high_open=False):

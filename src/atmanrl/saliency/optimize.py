@@ -57,6 +57,7 @@ from typing import Literal
 
 import torch
 
+from atmanrl.errors import check_range
 from atmanrl.model.llama import Llama
 from atmanrl.saliency.atman import reopen_one
 from atmanrl.saliency.batch import AnswerBatch, SaliencyInput, sequences_per_batch
@@ -83,12 +84,9 @@ class EarlyStop:
     min_steps: int = 20
 
     def __post_init__(self):
-        if self.every < 1:
-            raise ValueError(f"every={self.every} must be >= 1 (steps between two ranking comparisons)")
-        if self.min_steps < 0:
-            raise ValueError(f"min_steps={self.min_steps} must be >= 0")
-        if not math.isfinite(self.rho):
-            raise ValueError(f"rho={self.rho} must be a finite number (a Spearman correlation)")
+        check_range("every", self.every, 1, why="steps between two ranking comparisons")
+        check_range("min_steps", self.min_steps, 0)
+        check_range("rho", self.rho, -1, 1, why="a Spearman correlation")
 
 
 @dataclass
@@ -145,23 +143,17 @@ class SaliencyConfig:
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize={self.normalize!r} is not one of {list(NORMALIZE)} (none: the paper's "
                              "reward; group: the saliency reward standardised inside its GRPO group)")
-        if self.init >= 0:
-            raise ValueError(f"init={self.init}: the initial mask value c must be negative (the paper uses -0.4); "
-                             "at c >= 0 the bias scale * min(c, 0) is 0 and nothing is masked")
-        if self.scale <= 0:
-            raise ValueError(f"scale={self.scale} must be > 0 (the paper uses 10): the bias is scale * min(p, 0)")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1 (the paper uses 200)")
+        check_range("init", self.init, high=0, high_open=True, why="the initial mask value c; the paper uses -0.4; at "
+                    "c >= 0 the bias scale * min(c, 0) is 0 and nothing is masked")
+        check_range("scale", self.scale, 0, low_open=True, why="the paper uses 10: the bias is scale * min(p, 0)")
+        check_range("steps", self.steps, 1, why="the paper uses 200")
         for name in ("lr", "weight_decay", "saturation_loss"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.eps <= 0:
-            raise ValueError(f"eps={self.eps} must be > 0 (AdamW divides by sqrt(v) + eps)")
+            check_range(name, getattr(self, name), 0)
+        check_range("eps", self.eps, 0, low_open=True, why="AdamW divides by sqrt(v) + eps")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1) (the paper: [0.6, 0.9999])")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1, or null to size batches from free GPU memory "
-                             "(all at once on a CPU)")
+        check_range("max_batch", self.max_batch, 1, none_ok=True,
+                    why="null sizes batches from free GPU memory, all at once on a CPU")
 
 
 # Why a result has no saliency: "ok" has one; the others are degenerate inputs (reward 0.0, the trainer gives them
