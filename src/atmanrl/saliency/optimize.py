@@ -86,7 +86,8 @@ class EarlyStop:
     def __post_init__(self):
         check_range("every", self.every, 1, why="steps between two ranking comparisons")
         check_range("min_steps", self.min_steps, 0)
-        check_range("rho", self.rho, -1, 1, why="a Spearman correlation")
+        if not math.isfinite(self.rho):  # any finite threshold: above 1 never stops, -1 always does
+            raise ValueError(f"rho={self.rho} must be a finite number (a Spearman correlation threshold)")
 
 
 @dataclass
