@@ -16,7 +16,7 @@
 5. ``report.md``, ``results.json`` (every number, per arm and seed), the PNGs and ``side_by_side.html``
    (Figures 3-5: baseline vs AtManRL CoTs of the same held-out problems) into ``--out``.
 
-``--study PART`` runs one part of issue 17's study instead (``STUDY``: lr, dose, eq3, scalefree, reopen, warmstart2,
+``--study PART`` runs one part of the saliency-weight study instead (``STUDY``: lr, dose, eq3, scalefree, reopen, warmstart2,
 world90, cost, headline; ``--study-seeds``, ``--study-lr``, ``--study-arms``): OUT/study/PART.json and PART.md, every
 comparison as n, mean and a 95 % interval over seeds (docs/toyworld.md, "The study", says what each part measured and
 how long it takes).
@@ -571,7 +571,7 @@ def parse_args(argv: list[str]):
                                                               "with the same settings")
     parser.add_argument("--smoke", action="store_true", help="a model of a few thousand parameters, seconds")
     parser.add_argument("override", nargs="*", help="key.sub=value overrides for every arm's config")
-    parser.add_argument("--study", choices=STUDY, help="run one part of the study (issue 17) instead: "
+    parser.add_argument("--study", choices=STUDY, help="run one part of the saliency-weight study instead: "
                                                        "OUT/study/PART.json and .md (docs/toyworld.md)")
     parser.add_argument("--study-seeds", default="0,1,2,3,4", help="comma-separated seeds of a study part")
     parser.add_argument("--study-arms", default="", help="comma-separated arms of the part to run (default: all; "
@@ -598,7 +598,7 @@ def check_arms(args, policy_dir: Path, parts: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The study (issue 17): how strong must the saliency reward be? Parts runnable alone with --study PART; each writes
+# The saliency-weight study: how strong must the saliency reward be? Parts runnable alone with --study PART; each writes
 # OUT/study/<part>.json and <part>.md. Every run is cached (OUT/study/runs/*.json) by its arm, warm start, seed and
 # update count, so parts that share an arm (the baseline w0) compute it once. Every comparison is n, mean and a 95 %
 # Student-t interval over seeds; differences between arms are paired by seed (seed s of every arm sees the same
@@ -1019,7 +1019,7 @@ def main(argv=None) -> int:
 def reproduce(args, argv: list[str]) -> int:
     torch.manual_seed(0)
     t_begin = time.perf_counter()
-    if args.study is not None:  # a part of the study (issue 17): its own arms, nothing of the reproduction
+    if args.study is not None:  # a part of the saliency-weight study: its own arms, nothing of the reproduction
         args.argv = argv
         args.out.mkdir(parents=True, exist_ok=True)
         return run_study(args)

