@@ -41,3 +41,19 @@ def single_process_one_thread():
     yield
     torch.set_num_threads(threads)
     dist.shutdown()
+
+
+@pytest.fixture
+def read_only_tmp(tmp_path, monkeypatch):
+    """``tmp_path`` as a read-only file system for ``Path.write_text`` (EROFS on every file under it)."""
+    import errno
+
+    real = Path.write_text
+
+    def read_only(self, *a, **k):
+        if tmp_path in self.parents:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    return tmp_path

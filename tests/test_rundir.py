@@ -177,18 +177,8 @@ def test_an_unusable_out_dir_is_one_sentence(tmp_path, below, message):
         _run(tmp_path / "file" / below if below else tmp_path / "file")
 
 
-def test_a_read_only_out_dir_is_one_sentence(tmp_path, monkeypatch):
-    import errno
-    from pathlib import Path
-
-    real = Path.write_text
-
-    def read_only(self, *a, **k):
-        if tmp_path in self.parents:
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Path, "write_text", read_only)
+def test_a_read_only_out_dir_is_one_sentence(read_only_tmp):
+    tmp_path = read_only_tmp
     with pytest.raises(RunDirError, match=r"cannot write into out_dir=.* \(Read-only file system\); choose a "
                                           r"directory you can write to"):
         _run(tmp_path / "run")
